@@ -1,0 +1,321 @@
+// CPU kernels of the fused level-wise mixture loss.
+//
+// Per row and level, the forward makes a max pass and an exp-sum pass over the
+// level's logits (the second pass reads from cache: a row of 10^4..10^5
+// floats stays in L2), so the logits are read once from memory. The backward
+// reads them once more and writes the gradient: two reads and one write of the
+// logits in all, and no [B, N] temporary besides the gradient itself.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "loss_common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// One AVX2+FMA clone and one baseline clone of each hot loop; the loader picks
+// the best one for the running processor.
+#define LMM_FAST_MULTIVERSION __attribute__((target_clones("avx2,fma", "default")))
+#else
+#define LMM_FAST_MULTIVERSION
+#endif
+#define LMM_FAST_INLINE inline __attribute__((always_inline))
+
+namespace lmm_fast {
+namespace {
+
+constexpr int kLanes = 16;
+
+// exp(x) for float, written so the compiler can vectorise it (Cephes-style
+// range reduction and degree-6 polynomial, about 1 ulp). NaN propagates; the
+// result is flushed to zero below about -87.6 instead of going subnormal.
+LMM_FAST_INLINE float exp_approx(float x) {
+  x = x < -88.0f ? -88.0f : x;
+  x = x > 88.37f ? 88.37f : x;
+  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
+  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
+  float r2 = r * r;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r2 + r + 1.0f;
+  int32_t biased = static_cast<int32_t>(fx) + 127;
+  biased = biased < 0 ? 0 : biased;
+  int32_t bits = biased << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+LMM_FAST_INLINE double exp_approx(double x) { return std::exp(x); }
+
+template <typename T, typename A>
+LMM_FAST_INLINE A row_max(const T* x, int64_t n) {
+  A acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<A>::infinity();
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      A v = static_cast<A>(x[i + j]);
+      acc[j] = v > acc[j] ? v : acc[j];
+    }
+  }
+  A m = -std::numeric_limits<A>::infinity();
+  for (; i < n; ++i) {
+    A v = static_cast<A>(x[i]);
+    m = v > m ? v : m;
+  }
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+template <typename T, typename A>
+LMM_FAST_INLINE A row_sum_exp(const T* x, int64_t n, A shift) {
+  A acc[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] += exp_approx(static_cast<A>(x[i + j]) - shift);
+  }
+  A s = 0;
+  for (; i < n; ++i) s += exp_approx(static_cast<A>(x[i]) - shift);
+  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  return s;
+}
+
+// log(sum_t exp(x_t) * p_t) over the t with p_t > 0, stable for any logits;
+// -inf when the class has no weight in this level.
+template <typename T, typename A>
+LMM_FAST_INLINE A weighted_log_sum_exp(const T* x, const A* p, int64_t n) {
+  A m = -std::numeric_limits<A>::infinity();
+  for (int64_t t = 0; t < n; ++t) {
+    A v = static_cast<A>(x[t]);
+    m = (p[t] > A(0) && v > m) ? v : m;
+  }
+  if (m == -std::numeric_limits<A>::infinity()) return m;
+  A w = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    if (p[t] > A(0)) w += p[t] * exp_approx(static_cast<A>(x[t]) - m);
+  }
+  return m + std::log(w);
+}
+
+template <typename A>
+LMM_FAST_INLINE A log_add(A a, A b) {
+  if (a == -std::numeric_limits<A>::infinity()) return b;
+  if (b == -std::numeric_limits<A>::infinity()) return a;
+  A hi = a > b ? a : b;
+  A lo = a > b ? b : a;
+  return hi + std::log1p(std::exp(lo - hi));
+}
+
+template <typename T, typename A>
+struct LossArgs {
+  const T* logits;
+  int64_t row_stride;
+  const int64_t* target;
+  const A* psi_t;
+  const A* log_theta;
+  const LossGeometry* geo;
+  int64_t ignore_index;
+};
+
+template <typename T, typename A>
+LMM_FAST_INLINE void forward_row(const LossArgs<T, A>& a, int64_t b, T* loss, A* lse, A* log_m) {
+  const LossGeometry& g = *a.geo;
+  const int64_t L = g.num_levels();
+  const int64_t y = a.target[b];
+  if (y == a.ignore_index) {
+    loss[b] = T(0);
+    for (int64_t l = 0; l < L; ++l) {
+      lse[b * L + l] = A(0);
+      log_m[b * L + l] = A(0);
+    }
+    return;
+  }
+  const T* row = a.logits + b * a.row_stride;
+  const A* column = a.psi_t + y * g.upper_width;
+  A log_z = -std::numeric_limits<A>::infinity();
+  for (int64_t l = 0; l < L; ++l) {
+    const T* x = row + g.offsets[l];
+    const int64_t n = g.sizes[l];
+    const A mx = row_max<T, A>(x, n);
+    const A level_lse = mx + std::log(row_sum_exp<T, A>(x, n, mx));
+    A vote;
+    if (l == L - 1) {
+      vote = static_cast<A>(x[y]) - level_lse;
+    } else {
+      vote = weighted_log_sum_exp<T, A>(x, column + g.offsets[l], n) - level_lse;
+    }
+    lse[b * L + l] = level_lse;
+    log_m[b * L + l] = vote;
+    log_z = log_add(log_z, a.log_theta[l] + vote);
+  }
+  loss[b] = static_cast<T>(-log_z);
+}
+
+template <typename T, typename A>
+LMM_FAST_INLINE void backward_row(const LossArgs<T, A>& a, int64_t b, const T* grad_loss,
+                                  const A* lse, const A* log_m, T* grad) {
+  const LossGeometry& g = *a.geo;
+  const int64_t L = g.num_levels();
+  const int64_t y = a.target[b];
+  T* out = grad + b * g.width;
+  const A go = static_cast<A>(grad_loss[b]);
+  if (y == a.ignore_index || go == A(0)) {
+    for (int64_t i = 0; i < g.width; ++i) out[i] = T(0);
+    return;
+  }
+  const T* row = a.logits + b * a.row_stride;
+  const A* column = a.psi_t + y * g.upper_width;
+  A log_z = -std::numeric_limits<A>::infinity();
+  for (int64_t l = 0; l < L; ++l) log_z = log_add(log_z, a.log_theta[l] + log_m[b * L + l]);
+  for (int64_t l = 0; l < L; ++l) {
+    const T* x = row + g.offsets[l];
+    T* gx = out + g.offsets[l];
+    const int64_t n = g.sizes[l];
+    const A level_lse = lse[b * L + l];
+    // r: this level's responsibility theta_l m_l / z for the target.
+    const A r = std::exp(a.log_theta[l] + log_m[b * L + l] - log_z);
+    const A scaled = go * r;
+    if (l == L - 1) {
+      for (int64_t t = 0; t < n; ++t) {
+        gx[t] = static_cast<T>(scaled * exp_approx(static_cast<A>(x[t]) - level_lse));
+      }
+      gx[y] = static_cast<T>(scaled * (std::exp(static_cast<A>(x[y]) - level_lse) - A(1)));
+    } else {
+      // d/da_t = r z_t - theta_l z_t Psi[t, y] / z_y; the second term is
+      // formed in log space so that it stays finite for extreme logits.
+      const A* p = column + g.offsets[l];
+      const A shift = a.log_theta[l] - log_z;
+      for (int64_t t = 0; t < n; ++t) {
+        const A v = static_cast<A>(x[t]) - level_lse;
+        A val = r * exp_approx(v);
+        if (p[t] > A(0)) val -= p[t] * exp_approx(v + shift);
+        gx[t] = static_cast<T>(go * val);
+      }
+    }
+  }
+}
+
+// Non-template entry points so each can be compiled in several ISA versions.
+#define LMM_FAST_DEFINE_ROWS(T, A, NAME)                                              \
+  LMM_FAST_MULTIVERSION void forward_rows_##NAME(const LossArgs<T, A>& a, int64_t begin, \
+                                                  int64_t end, T* loss, A* lse, A* log_m) { \
+    for (int64_t b = begin; b < end; ++b) forward_row<T, A>(a, b, loss, lse, log_m);       \
+  }                                                                                     \
+  LMM_FAST_MULTIVERSION void backward_rows_##NAME(                                      \
+      const LossArgs<T, A>& a, int64_t begin, int64_t end, const T* grad_loss,          \
+      const A* lse, const A* log_m, T* grad) {                                          \
+    for (int64_t b = begin; b < end; ++b)                                               \
+      backward_row<T, A>(a, b, grad_loss, lse, log_m, grad);                            \
+  }
+
+LMM_FAST_DEFINE_ROWS(float, float, f32)
+LMM_FAST_DEFINE_ROWS(double, double, f64)
+LMM_FAST_DEFINE_ROWS(c10::Half, float, f16)
+LMM_FAST_DEFINE_ROWS(c10::BFloat16, float, bf16)
+
+void forward_rows(const LossArgs<float, float>& a, int64_t s, int64_t e, float* l, float* x, float* m) { forward_rows_f32(a, s, e, l, x, m); }
+void forward_rows(const LossArgs<double, double>& a, int64_t s, int64_t e, double* l, double* x, double* m) { forward_rows_f64(a, s, e, l, x, m); }
+void forward_rows(const LossArgs<c10::Half, float>& a, int64_t s, int64_t e, c10::Half* l, float* x, float* m) { forward_rows_f16(a, s, e, l, x, m); }
+void forward_rows(const LossArgs<c10::BFloat16, float>& a, int64_t s, int64_t e, c10::BFloat16* l, float* x, float* m) { forward_rows_bf16(a, s, e, l, x, m); }
+void backward_rows(const LossArgs<float, float>& a, int64_t s, int64_t e, const float* go, const float* x, const float* m, float* g) { backward_rows_f32(a, s, e, go, x, m, g); }
+void backward_rows(const LossArgs<double, double>& a, int64_t s, int64_t e, const double* go, const double* x, const double* m, double* g) { backward_rows_f64(a, s, e, go, x, m, g); }
+void backward_rows(const LossArgs<c10::Half, float>& a, int64_t s, int64_t e, const c10::Half* go, const float* x, const float* m, c10::Half* g) { backward_rows_f16(a, s, e, go, x, m, g); }
+void backward_rows(const LossArgs<c10::BFloat16, float>& a, int64_t s, int64_t e, const c10::BFloat16* go, const float* x, const float* m, c10::BFloat16* g) { backward_rows_bf16(a, s, e, go, x, m, g); }
+
+void check_targets_cpu(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t b = 0; b < target.numel(); ++b) {
+    TORCH_CHECK(t[b] == ignore_index || (t[b] >= 0 && t[b] < num_classes),
+        "lmm_fast: target[", b, "] = ", t[b], " is out of range: class indices must be in [0, ",
+        num_classes, ") or equal ignore_index (", ignore_index, ")");
+  }
+}
+
+int64_t grain_rows(int64_t width) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cpu(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
+    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const at::Tensor logits = rows_contiguous(logits_in);
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor psi_t = psi_t_in.contiguous();
+  check_targets_cpu(target, g.num_classes, ignore_index);
+  const auto acc = accumulate_type(logits.scalar_type());
+  at::Tensor loss = at::empty({g.batch}, logits.options());
+  at::Tensor lse = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
+  at::Tensor log_m = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
+  if (g.batch == 0) return {loss, lse, log_m};
+  const at::Tensor log_theta = theta.log().contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_forward_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    LossArgs<scalar_t, A> args{logits.data_ptr<scalar_t>(), logits.stride(0),
+                               target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
+                               log_theta.data_ptr<A>(), &g, ignore_index};
+    scalar_t* loss_p = loss.data_ptr<scalar_t>();
+    A* lse_p = lse.data_ptr<A>();
+    A* log_m_p = log_m.data_ptr<A>();
+    at::parallel_for(0, g.batch, grain_rows(g.width), [&](int64_t begin, int64_t end) {
+      forward_rows(args, begin, end, loss_p, lse_p, log_m_p);
+    });
+  });
+  return {loss, lse, log_m};
+}
+
+at::Tensor lmm_loss_backward_cpu(
+    const at::Tensor& grad_loss_in, const at::Tensor& logits_in, const at::Tensor& target_in,
+    const at::Tensor& psi_t_in, const at::Tensor& theta, const at::Tensor& lse_in,
+    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  check_stats(lse_in, "lse", g, logits_in);
+  check_stats(log_m_in, "log_m", g, logits_in);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
+      "lmm_fast: grad_loss must be [batch] = [", g.batch, "], got ", grad_loss_in.sizes());
+  TORCH_CHECK(grad_loss_in.scalar_type() == logits_in.scalar_type(),
+      "lmm_fast: grad_loss must have the logits' dtype ", logits_in.scalar_type(),
+      ", got ", grad_loss_in.scalar_type());
+  const at::Tensor logits = rows_contiguous(logits_in);
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor psi_t = psi_t_in.contiguous();
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor log_m = log_m_in.contiguous();
+  check_targets_cpu(target, g.num_classes, ignore_index);
+  at::Tensor grad = at::empty({g.batch, g.width}, logits.options());
+  if (g.batch == 0) return grad;
+  const at::Tensor log_theta = theta.log().contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_backward_cpu", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    LossArgs<scalar_t, A> args{logits.data_ptr<scalar_t>(), logits.stride(0),
+                               target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
+                               log_theta.data_ptr<A>(), &g, ignore_index};
+    const scalar_t* go = grad_loss.data_ptr<scalar_t>();
+    const A* lse_p = lse.data_ptr<A>();
+    const A* log_m_p = log_m.data_ptr<A>();
+    scalar_t* grad_p = grad.data_ptr<scalar_t>();
+    at::parallel_for(0, g.batch, grain_rows(g.width), [&](int64_t begin, int64_t end) {
+      backward_rows(args, begin, end, go, lse_p, log_m_p, grad_p);
+    });
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
+  m.impl("lmm_loss_forward", &lmm_loss_forward_cpu);
+  m.impl("lmm_loss_backward", &lmm_loss_backward_cpu);
+}
+
+}  // namespace lmm_fast

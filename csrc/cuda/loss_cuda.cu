@@ -1,0 +1,305 @@
+// CUDA kernels of the fused level-wise mixture loss.
+//
+// One thread block per row. The forward reads each logit once and keeps, per
+// thread, an online (max, sum-exp) pair for the level's softmax and, on the
+// upper levels, a second pair restricted to the groups that hold the target
+// class (their weighted log-sum-exp is the level's vote). The backward reads
+// the logits once more and writes the gradient. Accumulation is float32 for
+// float32/bfloat16/float16 logits and float64 for float64 logits.
+#include <ATen/core/Tensor.h>
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <c10/macros/Macros.h>
+#include <torch/library.h>
+
+#include <cuda_runtime.h>
+
+#include "loss_common.h"
+
+namespace lmm_fast {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kMaxLevels = 16;
+
+template <typename A>
+struct LevelInfo {
+  int64_t offsets[kMaxLevels];
+  int64_t sizes[kMaxLevels];
+  int num_levels;
+  int64_t width;
+  int64_t upper_width;
+  int64_t num_classes;
+};
+
+template <typename A>
+__device__ __forceinline__ A neg_inf() { return -INFINITY; }
+
+template <typename A>
+__device__ __forceinline__ A fast_exp(A x) { return exp(x); }
+template <>
+__device__ __forceinline__ float fast_exp<float>(float x) { return __expf(x); }
+
+// Merges two online log-sum-exp accumulators (max m, sum s of exp(x - m)).
+template <typename A>
+__device__ __forceinline__ void merge_lse(A& m, A& s, A om, A os) {
+  if (om == neg_inf<A>()) return;
+  if (m == neg_inf<A>()) { m = om; s = os; return; }
+  if (om > m) {
+    s = s * fast_exp(m - om) + os;
+    m = om;
+  } else {
+    s += os * fast_exp(om - m);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void add_lse(A& m, A& s, A x, A weight) {
+  if (x > m) {
+    s = s * fast_exp(m - x) + weight;
+    m = x;
+  } else {
+    s += weight * fast_exp(x - m);
+  }
+}
+
+template <typename A>
+__device__ __forceinline__ void warp_merge_lse(A& m, A& s) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    A om = __shfl_xor_sync(0xffffffff, m, offset);
+    A os = __shfl_xor_sync(0xffffffff, s, offset);
+    merge_lse(m, s, om, os);
+  }
+}
+
+// Block-wide merge of up to two (max, sum) pairs; every thread gets the result.
+template <typename A, int kPairs>
+__device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) {
+  __shared__ A shared_m[kPairs][kThreads / 32];
+  __shared__ A shared_s[kPairs][kThreads / 32];
+  const int lane = threadIdx.x & 31;
+  const int warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int k = 0; k < kPairs; ++k) warp_merge_lse(m[k], s[k]);
+  if (lane == 0) {
+#pragma unroll
+    for (int k = 0; k < kPairs; ++k) {
+      shared_m[k][warp] = m[k];
+      shared_s[k][warp] = s[k];
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int k = 0; k < kPairs; ++k) {
+    A mm = neg_inf<A>();
+    A ss = A(0);
+    for (int w = 0; w < kThreads / 32; ++w) merge_lse(mm, ss, shared_m[k][w], shared_s[k][w]);
+    m[k] = mm;
+    s[k] = ss;
+  }
+  __syncthreads();
+}
+
+template <typename A>
+__device__ __forceinline__ A log_add(A a, A b) {
+  if (a == neg_inf<A>()) return b;
+  if (b == neg_inf<A>()) return a;
+  A hi = a > b ? a : b;
+  A lo = a > b ? b : a;
+  return hi + log1p(exp(lo - hi));
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
+    const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
+    const A* __restrict__ psi_t, const A* __restrict__ log_theta, LevelInfo<A> info,
+    int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
+  const int64_t b = blockIdx.x;
+  const int L = info.num_levels;
+  const int64_t y = target[b];
+  if (y == ignore_index) {
+    if (threadIdx.x == 0) {
+      loss[b] = T(0);
+      for (int l = 0; l < L; ++l) {
+        lse_out[b * L + l] = A(0);
+        log_m_out[b * L + l] = A(0);
+      }
+    }
+    return;
+  }
+  CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
+  const T* row = logits + b * row_stride;
+  const A* column = psi_t + y * info.upper_width;
+  A log_z = neg_inf<A>();
+  for (int l = 0; l < L; ++l) {
+    const T* x = row + info.offsets[l];
+    const int64_t n = info.sizes[l];
+    A level_lse, vote;
+    if (l == L - 1) {
+      A m[1] = {neg_inf<A>()};
+      A s[1] = {A(0)};
+      for (int64_t t = threadIdx.x; t < n; t += kThreads) add_lse(m[0], s[0], static_cast<A>(x[t]), A(1));
+      block_merge_lse<A, 1>(m, s);
+      level_lse = m[0] + log(s[0]);
+      vote = static_cast<A>(x[y]) - level_lse;
+    } else {
+      const A* p = column + info.offsets[l];
+      A m[2] = {neg_inf<A>(), neg_inf<A>()};
+      A s[2] = {A(0), A(0)};
+      for (int64_t t = threadIdx.x; t < n; t += kThreads) {
+        const A v = static_cast<A>(x[t]);
+        add_lse(m[0], s[0], v, A(1));
+        const A w = p[t];
+        if (w > A(0)) add_lse(m[1], s[1], v, w);
+      }
+      block_merge_lse<A, 2>(m, s);
+      level_lse = m[0] + log(s[0]);
+      vote = (m[1] == neg_inf<A>()) ? neg_inf<A>() : m[1] + log(s[1]) - level_lse;
+    }
+    log_z = log_add(log_z, log_theta[l] + vote);
+    if (threadIdx.x == 0) {
+      lse_out[b * L + l] = level_lse;
+      log_m_out[b * L + l] = vote;
+    }
+  }
+  if (threadIdx.x == 0) loss[b] = static_cast<T>(-log_z);
+}
+
+template <typename T, typename A>
+__global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
+    const T* __restrict__ grad_loss, const T* __restrict__ logits, int64_t row_stride,
+    const int64_t* __restrict__ target, const A* __restrict__ psi_t,
+    const A* __restrict__ log_theta, LevelInfo<A> info, const A* __restrict__ lse,
+    const A* __restrict__ log_m, int64_t ignore_index,
+    T* __restrict__ grad) {
+  const int64_t b = blockIdx.x;
+  const int L = info.num_levels;
+  const int64_t y = target[b];
+  T* out = grad + b * info.width;
+  const A go = static_cast<A>(grad_loss[b]);
+  if (y == ignore_index || go == A(0)) {
+    for (int64_t i = threadIdx.x; i < info.width; i += kThreads) out[i] = T(0);
+    return;
+  }
+  CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
+  const T* row = logits + b * row_stride;
+  const A* column = psi_t + y * info.upper_width;
+  A log_z = neg_inf<A>();
+  for (int l = 0; l < L; ++l) log_z = log_add(log_z, log_theta[l] + log_m[b * L + l]);
+  for (int l = 0; l < L; ++l) {
+    const T* x = row + info.offsets[l];
+    T* gx = out + info.offsets[l];
+    const int64_t n = info.sizes[l];
+    const A level_lse = lse[b * L + l];
+    const A r = exp(log_theta[l] + log_m[b * L + l] - log_z);
+    if (l == L - 1) {
+      const A scaled = go * r;
+      for (int64_t t = threadIdx.x; t < n; t += kThreads) {
+        const A e = fast_exp(static_cast<A>(x[t]) - level_lse);
+        gx[t] = static_cast<T>(scaled * (t == y ? e - A(1) : e));
+      }
+    } else {
+      const A* p = column + info.offsets[l];
+      const A shift = log_theta[l] - log_z;
+      for (int64_t t = threadIdx.x; t < n; t += kThreads) {
+        const A v = static_cast<A>(x[t]) - level_lse;
+        A val = r * fast_exp(v);
+        const A w = p[t];
+        if (w > A(0)) val -= w * fast_exp(v + shift);
+        gx[t] = static_cast<T>(go * val);
+      }
+    }
+  }
+}
+
+template <typename A>
+LevelInfo<A> make_level_info(const LossGeometry& g) {
+  TORCH_CHECK(g.num_levels() <= kMaxLevels,
+      "lmm_fast: the CUDA loss supports at most ", kMaxLevels, " levels, got ", g.num_levels());
+  LevelInfo<A> info{};
+  for (int64_t l = 0; l < g.num_levels(); ++l) {
+    info.offsets[l] = g.offsets[l];
+    info.sizes[l] = g.sizes[l];
+  }
+  info.num_levels = static_cast<int>(g.num_levels());
+  info.width = g.width;
+  info.upper_width = g.upper_width;
+  info.num_classes = g.num_classes;
+  return info;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
+    const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
+    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = rows_contiguous(logits_in);
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor psi_t = psi_t_in.contiguous();
+  const auto acc = accumulate_type(logits.scalar_type());
+  at::Tensor loss = at::empty({g.batch}, logits.options());
+  at::Tensor lse = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
+  at::Tensor log_m = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
+  if (g.batch == 0) return {loss, lse, log_m};
+  const at::Tensor log_theta = theta.log().contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_forward_cuda", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const LevelInfo<A> info = make_level_info<A>(g);
+    lmm_loss_forward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
+        logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
+        psi_t.data_ptr<A>(), log_theta.data_ptr<A>(), info, ignore_index, loss.data_ptr<scalar_t>(),
+        lse.data_ptr<A>(), log_m.data_ptr<A>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {loss, lse, log_m};
+}
+
+at::Tensor lmm_loss_backward_cuda(
+    const at::Tensor& grad_loss_in, const at::Tensor& logits_in, const at::Tensor& target_in,
+    const at::Tensor& psi_t_in, const at::Tensor& theta, const at::Tensor& lse_in,
+    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  check_stats(lse_in, "lse", g, logits_in);
+  check_stats(log_m_in, "log_m", g, logits_in);
+  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
+      "lmm_fast: grad_loss must be [batch] = [", g.batch, "], got ", grad_loss_in.sizes());
+  TORCH_CHECK(grad_loss_in.scalar_type() == logits_in.scalar_type(),
+      "lmm_fast: grad_loss must have the logits' dtype ", logits_in.scalar_type(),
+      ", got ", grad_loss_in.scalar_type());
+  TORCH_CHECK(grad_loss_in.device() == logits_in.device(),
+      "lmm_fast: grad_loss must be on ", logits_in.device(), ", got ", grad_loss_in.device());
+  const c10::cuda::CUDAGuard guard(logits_in.device());
+  const at::Tensor logits = rows_contiguous(logits_in);
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor psi_t = psi_t_in.contiguous();
+  const at::Tensor grad_loss = grad_loss_in.contiguous();
+  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor log_m = log_m_in.contiguous();
+  at::Tensor grad = at::empty({g.batch, g.width}, logits.options());
+  if (g.batch == 0) return grad;
+  const at::Tensor log_theta = theta.log().contiguous();
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_backward_cuda", [&] {
+    using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    const LevelInfo<A> info = make_level_info<A>(g);
+    lmm_loss_backward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
+        grad_loss.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), logits.stride(0),
+        target.data_ptr<int64_t>(), psi_t.data_ptr<A>(), log_theta.data_ptr<A>(), info, lse.data_ptr<A>(),
+        log_m.data_ptr<A>(), ignore_index, grad.data_ptr<scalar_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
+  m.impl("lmm_loss_forward", &lmm_loss_forward_cuda);
+  m.impl("lmm_loss_backward", &lmm_loss_backward_cuda);
+}
+
+}  // namespace lmm_fast

@@ -1,0 +1,110 @@
+// Host-side argument checks shared by the CPU and CUDA loss kernels.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <vector>
+
+namespace lmm_fast {
+
+// The dtype every statistic, Psi and theta are held in for a given logits
+// dtype: float64 logits accumulate in float64, everything else in float32.
+inline c10::ScalarType accumulate_type(c10::ScalarType logits_dtype) {
+  return logits_dtype == c10::ScalarType::Double ? c10::ScalarType::Double
+                                                 : c10::ScalarType::Float;
+}
+
+struct LossGeometry {
+  int64_t batch = 0;
+  int64_t width = 0;          // sum of all level sizes
+  int64_t num_classes = 0;    // bottom level size N
+  int64_t upper_width = 0;    // sum of the upper level sizes
+  std::vector<int64_t> sizes; // per level, top first
+  std::vector<int64_t> offsets;  // column offset of each level in the logits
+  int64_t num_levels() const { return static_cast<int64_t>(sizes.size()); }
+};
+
+inline LossGeometry check_loss_inputs(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const at::Tensor& psi_t,
+    const at::Tensor& theta,
+    c10::IntArrayRef level_sizes) {
+  TORCH_CHECK(logits.dim() == 2,
+      "lmm_fast: logits must be 2-D [batch, sum(level_sizes)], got ",
+      logits.dim(), "-D with shape ", logits.sizes());
+  TORCH_CHECK(target.dim() == 1,
+      "lmm_fast: target must be 1-D [batch], got shape ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == c10::ScalarType::Long,
+      "lmm_fast: target must be int64 (long) class indices, got ",
+      target.scalar_type());
+  TORCH_CHECK(target.size(0) == logits.size(0),
+      "lmm_fast: target has ", target.size(0), " rows but logits has ",
+      logits.size(0));
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ||
+                  dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
+      "lmm_fast: logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  const auto acc = accumulate_type(dtype);
+  TORCH_CHECK(psi_t.scalar_type() == acc,
+      "lmm_fast: psi_t must be ", acc, " for ", dtype, " logits, got ",
+      psi_t.scalar_type());
+  TORCH_CHECK(theta.scalar_type() == acc,
+      "lmm_fast: theta must be ", acc, " for ", dtype, " logits, got ",
+      theta.scalar_type());
+  for (const auto* t : {&target, &psi_t, &theta}) {
+    TORCH_CHECK(t->device() == logits.device(),
+        "lmm_fast: all inputs must be on the logits' device ", logits.device(),
+        ", got one on ", t->device());
+  }
+  TORCH_CHECK(!level_sizes.empty(), "lmm_fast: level_sizes must not be empty");
+
+  LossGeometry g;
+  g.batch = logits.size(0);
+  int64_t offset = 0;
+  for (size_t l = 0; l < level_sizes.size(); ++l) {
+    TORCH_CHECK(level_sizes[l] > 0,
+        "lmm_fast: level_sizes[", l, "] must be positive, got ", level_sizes[l]);
+    g.sizes.push_back(level_sizes[l]);
+    g.offsets.push_back(offset);
+    offset += level_sizes[l];
+  }
+  g.width = offset;
+  g.num_classes = level_sizes.back();
+  g.upper_width = offset - g.num_classes;
+  TORCH_CHECK(logits.size(1) == g.width,
+      "lmm_fast: logits has ", logits.size(1),
+      " columns but the levels need sum(level_sizes) = ", g.width);
+  TORCH_CHECK(psi_t.dim() == 2 && psi_t.size(0) == g.num_classes &&
+                  psi_t.size(1) == g.upper_width,
+      "lmm_fast: psi_t must be [N, sum(upper level sizes)] = [", g.num_classes,
+      ", ", g.upper_width, "], got ", psi_t.sizes());
+  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == g.num_levels(),
+      "lmm_fast: theta must have one weight per level (", g.num_levels(),
+      "), got shape ", theta.sizes());
+  return g;
+}
+
+inline void check_stats(const at::Tensor& stats, const char* name,
+                        const LossGeometry& g, const at::Tensor& logits) {
+  TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.batch &&
+                  stats.size(1) == g.num_levels(),
+      "lmm_fast: ", name, " must be [batch, levels] = [", g.batch, ", ",
+      g.num_levels(), "], got ", stats.sizes());
+  TORCH_CHECK(stats.scalar_type() == accumulate_type(logits.scalar_type()),
+      "lmm_fast: ", name, " must be ", accumulate_type(logits.scalar_type()),
+      ", got ", stats.scalar_type());
+  TORCH_CHECK(stats.device() == logits.device(),
+      "lmm_fast: ", name, " must be on ", logits.device(), ", got ", stats.device());
+}
+
+// Logits only need unit stride along the columns; rows may be strided.
+inline at::Tensor rows_contiguous(const at::Tensor& logits) {
+  if (logits.size(1) <= 1 || logits.stride(1) == 1) return logits;
+  return logits.contiguous();
+}
+
+}  // namespace lmm_fast

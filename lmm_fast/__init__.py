@@ -1,0 +1,42 @@
+"""lmm_fast: the level-wise mixture model (LMM) tree classifier as fused
+PyTorch custom ops.
+
+``FusedLMMLoss`` replaces ``nn.CrossEntropyLoss`` with a mixture of softmax
+classifiers over the levels of a class hierarchy.
+"""
+from __future__ import annotations
+
+import torch
+
+from lmm_fast import _ops
+from lmm_fast._ops import has_cuda_kernels
+from lmm_fast.loss import FusedLMMLoss, default_theta
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "FusedLMMLoss",
+    "build_info",
+    "default_theta",
+    "has_cuda_kernels",
+]
+
+
+def build_info() -> dict:
+    """What this installation was built with.
+
+    Returns a dict with ``"backends"`` (``"CPU"`` or ``"CPU+CUDA"``: which
+    kernels the compiled library holds), ``"cuda_kernels"`` (bool),
+    ``"torch"`` (the running torch version), ``"torch_cuda"`` (the CUDA
+    version of that torch, or None) and ``"cuda_available"`` (whether a GPU
+    can be used now).
+    """
+    cuda = has_cuda_kernels()
+    return {
+        "version": __version__,
+        "backends": "CPU+CUDA" if cuda else "CPU",
+        "cuda_kernels": cuda,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+    }

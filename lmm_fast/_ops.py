@@ -1,0 +1,123 @@
+"""Typed Python wrappers of the ``torch.ops.lmm_fast`` operators, with their
+fake (meta) kernels and autograd formulas registered through ``torch.library``.
+
+Importing this module loads the compiled library (``lmm_fast._C``).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
+
+__all__ = ["lmm_loss_forward", "lmm_loss_backward", "has_cuda_kernels", "accumulate_dtype"]
+
+
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Dtype of Ψ, θ and the saved statistics for logits of ``dtype``."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def lmm_loss_forward(
+    logits: Tensor,
+    target: Tensor,
+    psi_t: Tensor,
+    theta: Tensor,
+    level_sizes: Sequence[int],
+    ignore_index: int = -100,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Fused LMM loss, one row at a time.
+
+    Args:
+        logits: ``[B, ΣN_l]`` packed logits, top level first (float32/64, and
+            float16/bfloat16).
+        target: ``[B]`` int64 class indices in ``[0, N)`` or ``ignore_index``.
+        psi_t: ``[N, Σ_{upper} N_l]`` class-major Ψ: row ``y`` holds column ``y``
+            of every upper level's Ψ, in level order.
+        theta: ``[L]`` level weights on the simplex.
+        level_sizes: ``[N_1, …, N_{L-1}, N]``.
+
+    Returns:
+        ``(loss [B], lse [B, L], log_m [B, L])``: the per-row loss ``−log z_y``
+        (zero on ignored rows), each level's log-sum-exp and the log of each
+        level's vote ``m^l_y``. Differentiable in ``logits`` and ``theta``.
+    """
+    return torch.ops.lmm_fast.lmm_loss_forward.default(
+        logits, target, psi_t, theta, list(level_sizes), ignore_index
+    )
+
+
+def lmm_loss_backward(
+    grad_loss: Tensor,
+    logits: Tensor,
+    target: Tensor,
+    psi_t: Tensor,
+    theta: Tensor,
+    lse: Tensor,
+    log_m: Tensor,
+    level_sizes: Sequence[int],
+    ignore_index: int = -100,
+) -> Tensor:
+    """Gradient ``[B, ΣN_l]`` of ``Σ_b grad_loss[b] · loss[b]`` with respect to the logits."""
+    return torch.ops.lmm_fast.lmm_loss_backward.default(
+        grad_loss, logits, target, psi_t, theta, lse, log_m, list(level_sizes), ignore_index
+    )
+
+
+@torch.library.register_fake("lmm_fast::lmm_loss_forward")
+def _lmm_loss_forward_fake(logits, target, psi_t, theta, level_sizes, ignore_index):
+    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
+    torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
+    batch = logits.shape[0]
+    acc = accumulate_dtype(logits.dtype)
+    levels = len(level_sizes)
+    return (
+        logits.new_empty((batch,)),
+        logits.new_empty((batch, levels), dtype=acc),
+        logits.new_empty((batch, levels), dtype=acc),
+    )
+
+
+@torch.library.register_fake("lmm_fast::lmm_loss_backward")
+def _lmm_loss_backward_fake(grad_loss, logits, target, psi_t, theta, lse, log_m, level_sizes, ignore_index):
+    return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, psi_t, theta, level_sizes, ignore_index = inputs
+    _, lse, log_m = output
+    ctx.save_for_backward(logits, target, psi_t, theta, lse, log_m)
+    ctx.level_sizes = list(level_sizes)
+    ctx.ignore_index = ignore_index
+    ctx.mark_non_differentiable(lse, log_m)
+
+
+def _backward(ctx, grad_loss, grad_lse, grad_log_m):
+    logits, target, psi_t, theta, lse, log_m = ctx.saved_tensors
+    grad_logits = grad_theta = None
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    grad_loss = grad_loss.contiguous()
+    if ctx.needs_input_grad[0]:
+        grad_logits = lmm_loss_backward(
+            grad_loss, logits, target, psi_t, theta, lse, log_m, ctx.level_sizes, ctx.ignore_index
+        )
+    if ctx.needs_input_grad[3]:
+        # ∂loss/∂θ_l = −m^l_y / z_y, O(B·L): plain torch is fine here.
+        log_z = torch.logsumexp(theta.log() + log_m, dim=1, keepdim=True)
+        valid = (target != ctx.ignore_index).unsqueeze(1)
+        per_row = -torch.exp(log_m - log_z) * grad_loss.to(log_m.dtype).unsqueeze(1)
+        grad_theta = torch.where(valid, per_row, torch.zeros_like(per_row)).sum(0).to(theta.dtype)
+    return grad_logits, None, None, grad_theta, None, None
+
+
+torch.library.register_autograd(
+    "lmm_fast::lmm_loss_forward", _backward, setup_context=_setup_context
+)
+
+
+def has_cuda_kernels() -> bool:
+    """True when the library was compiled with its CUDA kernels."""
+    return torch._C._dispatch_has_kernel_for_dispatch_key("lmm_fast::lmm_loss_forward", "CUDA")

@@ -1,0 +1,287 @@
+"""``FusedLMMLoss``: the level-wise mixture loss as a drop-in for
+``nn.CrossEntropyLoss``."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from lmm_fast import _ops
+from lmm_fast.reference import predict_proba_reference
+
+if TYPE_CHECKING:  # pragma: no cover
+    from lmm_fast.hierarchy import Hierarchy
+
+__all__ = ["FusedLMMLoss", "default_theta", "check_psi", "check_theta"]
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def default_theta(num_levels: int, bottom: float = 0.9) -> Tensor:
+    """θ with weight ``bottom`` on the class level and the rest shared equally
+    by the upper levels. Bottom-heavy, because the bottom level is the only
+    one that separates the classes of a group; ``θ = (0, …, 0, 1)`` is the
+    flat softmax."""
+    if num_levels < 1:
+        raise ValueError(f"num_levels must be >= 1, got {num_levels}")
+    if num_levels == 1:
+        return torch.ones(1)
+    upper = (1.0 - bottom) / (num_levels - 1)
+    return torch.tensor([upper] * (num_levels - 1) + [bottom])
+
+
+def check_psi(psi: Sequence[Tensor], num_classes: int | None = None, atol: float = 1e-4) -> list[Tensor]:
+    """Validate Ψ (one ``[N_l, N]`` matrix per upper level, rows on the simplex).
+
+    Returns the matrices as float tensors; raises ``ValueError``/``TypeError``
+    naming the level and the problem.
+    """
+    if isinstance(psi, Tensor):
+        raise TypeError("psi must be a list of [N_l, N] tensors, one per upper level, not a single tensor")
+    out = []
+    for level, p in enumerate(psi):
+        p = torch.as_tensor(p)
+        if not (p.is_floating_point()):
+            p = p.to(torch.float32)
+        if p.dim() != 2:
+            raise ValueError(f"psi[{level}] must be 2-D [N_l, N], got shape {tuple(p.shape)}")
+        if p.shape[0] < 1:
+            raise ValueError(f"psi[{level}] must have at least one group (row), got shape {tuple(p.shape)}")
+        if num_classes is None:
+            num_classes = p.shape[1]
+        if p.shape[1] != num_classes:
+            raise ValueError(
+                f"psi[{level}] has {p.shape[1]} columns but there are {num_classes} classes "
+                f"(every Ψ^l is [N_l, N])"
+            )
+        if not torch.isfinite(p).all():
+            raise ValueError(f"psi[{level}] contains NaN or infinite entries")
+        if (p < 0).any():
+            raise ValueError(f"psi[{level}] has negative entries: Ψ^l[t, y] = P(y | t) must be >= 0")
+        sums = p.sum(dim=1, dtype=torch.float64)
+        bad = (sums - 1).abs() > atol
+        if bad.any():
+            row = int(bad.nonzero()[0])
+            raise ValueError(
+                f"psi[{level}] row {row} sums to {float(sums[row]):.6g}, not 1: every row of Ψ^l "
+                f"is a distribution over classes ({int(bad.sum())} bad rows in all)"
+            )
+        out.append(p)
+    return out
+
+
+def check_theta(theta: Tensor | Sequence[float], num_levels: int, atol: float = 1e-5) -> Tensor:
+    """Validate θ (``num_levels`` non-negative weights summing to one)."""
+    theta = torch.as_tensor(theta, dtype=torch.float64).detach()
+    if theta.dim() != 1 or theta.numel() != num_levels:
+        raise ValueError(
+            f"theta must have one weight per level ({num_levels}: the upper levels and the bottom), "
+            f"got shape {tuple(theta.shape)}"
+        )
+    if not torch.isfinite(theta).all() or (theta < 0).any():
+        raise ValueError(f"theta must be finite and non-negative, got {theta.tolist()}")
+    total = float(theta.sum())
+    if abs(total - 1.0) > atol * max(1, num_levels):
+        raise ValueError(f"theta must lie on the simplex (sum to 1), got sum {total:.8g}: {theta.tolist()}")
+    return theta / total
+
+
+class FusedLMMLoss(nn.Module):
+    r"""Level-wise mixture loss over a class hierarchy, a drop-in for
+    ``nn.CrossEntropyLoss``.
+
+    For each row, level ``l`` contributes the vote
+    ``m^l_y = Σ_t softmax(a^l)_t Ψ^l[t, y]``; the class probability is
+    ``z_y = Σ_l θ_l m^l_y`` and the loss ``−log z_y``. Forward and backward run
+    in fused C++/CUDA kernels that never build a ``[B, N]`` tensor besides the
+    gradient of the logits.
+
+    Args:
+        psi: one ``[N_l, N]`` matrix per upper level (top first), rows on the
+            simplex; the bottom level's Ψ is the identity and is not given.
+        theta: ``L = len(psi) + 1`` level weights on the simplex, top first
+            (``None``: :func:`default_theta`).
+        reduction: ``"none"`` | ``"mean"`` | ``"sum"``, as ``nn.CrossEntropyLoss``.
+        ignore_index: target value whose rows are skipped (and left out of the mean).
+        learn_theta: make θ a learned parameter, kept on the simplex by a
+            softmax parametrisation (zero weights start at 1e-12).
+        num_classes: ``N``; needed only when ``psi`` is empty (flat softmax).
+
+    Shapes:
+        logits: ``[B, N_1 + … + N_{L-1} + N]`` packed (top level first), or a
+        list of ``[B, N_l]``; target: ``[B]`` integer classes; output: scalar,
+        or ``[B]`` for ``reduction="none"``.
+
+    Ψ is held once, class-major, in the buffer ``psi_t`` ``[N, ΣN_upper]``
+    (the loss reads one column of every Ψ^l per row); :attr:`psi` returns
+    ``[N_l, N]`` views of it, so writing into them updates the loss.
+    """
+
+    psi_t: Tensor
+
+    def __init__(
+        self,
+        psi: Sequence[Tensor],
+        theta: Tensor | Sequence[float] | None = None,
+        reduction: str = "mean",
+        ignore_index: int = -100,
+        learn_theta: bool = False,
+        *,
+        num_classes: int | None = None,
+    ) -> None:
+        super().__init__()
+        if reduction not in _REDUCTIONS:
+            raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+        psi = check_psi(list(psi), num_classes)
+        if num_classes is None:
+            if not psi:
+                raise ValueError("num_classes is required when psi is empty (a single, flat level)")
+            num_classes = psi[0].shape[1]
+        if num_classes < 1:
+            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        self.num_classes = int(num_classes)
+        self.level_sizes = [int(p.shape[0]) for p in psi] + [self.num_classes]
+        self.reduction = reduction
+        self.ignore_index = int(ignore_index)
+        self.learn_theta = bool(learn_theta)
+        if psi:
+            psi_t = torch.cat([p.to(torch.float32).t() for p in psi], dim=1).contiguous()
+        else:
+            psi_t = torch.zeros(self.num_classes, 0)
+        self.register_buffer("psi_t", psi_t)
+        theta = default_theta(self.num_levels) if theta is None else theta
+        theta = check_theta(theta, self.num_levels).to(torch.float32)
+        if self.learn_theta:
+            self.theta_logits = nn.Parameter(theta.clamp_min(1e-12).log())
+        else:
+            self.register_buffer("theta_fixed", theta)
+
+    # ------------------------------------------------------------------ state
+    @property
+    def num_levels(self) -> int:
+        return len(self.level_sizes)
+
+    @property
+    def upper_sizes(self) -> list[int]:
+        return self.level_sizes[:-1]
+
+    @property
+    def psi(self) -> list[Tensor]:
+        """Current Ψ per upper level: ``[N_l, N]`` views of ``psi_t``."""
+        views, offset = [], 0
+        for size in self.upper_sizes:
+            views.append(self.psi_t[:, offset : offset + size].t())
+            offset += size
+        return views
+
+    @property
+    def theta(self) -> Tensor:
+        """Current θ ``[L]`` (differentiable when ``learn_theta``)."""
+        if self.learn_theta:
+            return torch.softmax(self.theta_logits, dim=0)
+        return self.theta_fixed
+
+    @torch.no_grad()
+    def set_psi(self, psi: Sequence[Tensor]) -> None:
+        """Replace Ψ (validated, same shapes) in place."""
+        psi = check_psi(list(psi), self.num_classes)
+        if [p.shape[0] for p in psi] != self.upper_sizes:
+            raise ValueError(
+                f"psi must keep the level sizes {self.upper_sizes}, got {[p.shape[0] for p in psi]}"
+            )
+        for view, p in zip(self.psi, psi):
+            view.copy_(p)
+
+    @torch.no_grad()
+    def set_theta(self, theta: Tensor | Sequence[float]) -> None:
+        """Replace θ (validated) in place."""
+        theta = check_theta(theta, self.num_levels)
+        if self.learn_theta:
+            self.theta_logits.copy_(theta.clamp_min(1e-12).log())
+        else:
+            self.theta_fixed.copy_(theta)
+
+    def validate(self) -> None:
+        """Re-check Ψ (e.g. after writing into :attr:`psi` by hand)."""
+        check_psi(self.psi, self.num_classes)
+
+    @classmethod
+    def from_hierarchy(
+        cls, hierarchy: "Hierarchy", theta: Tensor | Sequence[float] | None = None, **kwargs
+    ) -> "FusedLMMLoss":
+        """Loss over ``hierarchy`` with its initial Ψ (``Ψ[t, y] = 1/C_t``) and θ
+        (``None``: :func:`default_theta`)."""
+        return cls(hierarchy.psi(), theta, num_classes=hierarchy.num_classes, **kwargs)
+
+    # -------------------------------------------------------------- compute
+    def pack(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
+        """Check ``logits`` and return them packed ``[B, ΣN_l]``."""
+        if isinstance(logits, (list, tuple)):
+            if len(logits) != self.num_levels:
+                raise ValueError(f"logits: expected {self.num_levels} per-level tensors, got {len(logits)}")
+            for level, (a, n) in enumerate(zip(logits, self.level_sizes)):
+                if not isinstance(a, Tensor) or a.dim() != 2 or a.shape[1] != n:
+                    shape = tuple(a.shape) if isinstance(a, Tensor) else type(a).__name__
+                    raise ValueError(f"logits[{level}] must be [B, {n}], got {shape}")
+                if a.shape[0] != logits[0].shape[0]:
+                    raise ValueError(f"logits[{level}] has {a.shape[0]} rows, logits[0] has {logits[0].shape[0]}")
+            return torch.cat(list(logits), dim=1)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a tensor or a list of tensors, got {type(logits).__name__}")
+        width = sum(self.level_sizes)
+        if logits.dim() != 2 or logits.shape[1] != width:
+            raise ValueError(
+                f"logits must be [B, {width}] (levels {self.level_sizes} packed, top first), "
+                f"got shape {tuple(logits.shape)}"
+            )
+        return logits
+
+    def _operands(self, logits: Tensor) -> tuple[Tensor, Tensor]:
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        if logits.device != self.psi_t.device:
+            raise ValueError(
+                f"logits are on {logits.device} but the loss's Ψ is on {self.psi_t.device}; "
+                f"move the loss with .to({str(logits.device)!r})"
+            )
+        acc = _ops.accumulate_dtype(logits.dtype)
+        return self.psi_t.to(acc), self.theta.to(acc)
+
+    def _target(self, target: Tensor, batch: int) -> Tensor:
+        if not isinstance(target, Tensor):
+            raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
+        if target.dim() != 1 or target.shape[0] != batch:
+            raise ValueError(f"target must be [B] = [{batch}], got shape {tuple(target.shape)}")
+        if target.device != self.psi_t.device:
+            raise ValueError(f"target is on {target.device} but the logits and the loss are on {self.psi_t.device}")
+        return target.long()
+
+    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+        logits = self.pack(logits)
+        target = self._target(target, logits.shape[0])
+        psi_t, theta = self._operands(logits)
+        loss, _, _ = _ops.lmm_loss_forward(logits, target, psi_t, theta, self.level_sizes, self.ignore_index)
+        if self.reduction == "none":
+            return loss
+        if self.reduction == "sum":
+            return loss.sum()
+        count = (target != self.ignore_index).sum()
+        return loss.sum() / count.to(loss.dtype)
+
+    def predict_proba(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
+        """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l``; rows sum to 1."""
+        logits = self.pack(logits)
+        psi_t, theta = self._operands(logits)
+        psi = [p.to(psi_t.dtype) for p in self.psi]
+        with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
+            return predict_proba_reference(logits.to(psi_t.dtype), psi, theta).to(logits.dtype)
+
+    def extra_repr(self) -> str:
+        return (
+            f"level_sizes={self.level_sizes}, reduction={self.reduction!r}, "
+            f"ignore_index={self.ignore_index}, learn_theta={self.learn_theta}"
+        )
