@@ -82,7 +82,7 @@ def _lmm_loss_forward_fake(logits, target, psi_t, theta, level_sizes, ignore_ind
 
 @torch.library.register_fake("lmm_fast::lmm_loss_backward")
 def _lmm_loss_backward_fake(grad_loss, logits, target, psi_t, theta, lse, log_m, level_sizes, ignore_index):
-    return logits.new_empty(logits.shape, memory_format=torch.contiguous_format)
+    return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):

@@ -19,7 +19,7 @@
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // One AVX2+FMA clone and one baseline clone of each hot loop; the loader picks
 // the best one for the running processor.
-#define LMM_FAST_MULTIVERSION __attribute__((target_clones("avx2,fma", "default")))
+#define LMM_FAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define LMM_FAST_MULTIVERSION
 #endif
@@ -27,8 +27,6 @@
 
 namespace lmm_fast {
 namespace {
-
-constexpr int kLanes = 16;
 
 // exp(x) for float, written so the compiler can vectorise it (Cephes-style
 // range reduction and degree-6 polynomial, about 1 ulp). NaN propagates; the
@@ -56,37 +54,115 @@ LMM_FAST_INLINE float exp_approx(float x) {
 
 LMM_FAST_INLINE double exp_approx(double x) { return std::exp(x); }
 
+// Eight float lanes through GCC/Clang vector extensions: AVX2 registers in the
+// x86-64-v3 clone, two SSE registers in the baseline one.
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+
+LMM_FAST_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+LMM_FAST_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
+
+LMM_FAST_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
+
+// exp_approx on eight lanes; rounding by the 1.5 * 2^23 trick keeps it free
+// of ISA-specific intrinsics.
+LMM_FAST_INLINE f32x8 exp8(f32x8 x) {
+  const f32x8 lo = splat8(-88.0f), hi = splat8(88.37f);
+  x = x < lo ? lo : x;
+  x = x > hi ? hi : x;
+  const f32x8 magic = splat8(12582912.0f);
+  f32x8 fx = (x * splat8(1.44269504088896341f) + magic) - magic;
+  f32x8 r = x - fx * splat8(0.693359375f) + fx * splat8(2.12194440e-4f);
+  f32x8 r2 = r * r;
+  f32x8 p = splat8(1.9875691500e-4f);
+  p = p * r + splat8(1.3981999507e-3f);
+  p = p * r + splat8(8.3334519073e-3f);
+  p = p * r + splat8(4.1665795894e-2f);
+  p = p * r + splat8(1.6666665459e-1f);
+  p = p * r + splat8(5.0000001201e-1f);
+  p = p * r2 + r + splat8(1.0f);
+  i32x8 biased = __builtin_convertvector(fx, i32x8) + 127;
+  const i32x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
+  biased = biased < zero ? zero : biased;
+  i32x8 bits = biased << 23;
+  f32x8 scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+LMM_FAST_INLINE float hmax8(f32x8 v) {
+  float m = v[0];
+  for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m;
+  return m;
+}
+
+LMM_FAST_INLINE float hsum8(f32x8 v) {
+  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
+}
+
 template <typename T, typename A>
 LMM_FAST_INLINE A row_max(const T* x, int64_t n) {
-  A acc[kLanes];
-  for (int j = 0; j < kLanes; ++j) acc[j] = -std::numeric_limits<A>::infinity();
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) {
-      A v = static_cast<A>(x[i + j]);
-      acc[j] = v > acc[j] ? v : acc[j];
-    }
-  }
   A m = -std::numeric_limits<A>::infinity();
-  for (; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     A v = static_cast<A>(x[i]);
     m = v > m ? v : m;
   }
-  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+template <>
+LMM_FAST_INLINE float row_max<float, float>(const float* x, int64_t n) {
+  f32x8 a0 = splat8(-std::numeric_limits<float>::infinity()), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    f32x8 v0 = load8(x + i), v1 = load8(x + i + 8);
+    a0 = v0 > a0 ? v0 : a0;
+    a1 = v1 > a1 ? v1 : a1;
+  }
+  a0 = a1 > a0 ? a1 : a0;
+  float m = hmax8(a0);
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
   return m;
 }
 
 template <typename T, typename A>
 LMM_FAST_INLINE A row_sum_exp(const T* x, int64_t n, A shift) {
-  A acc[kLanes] = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    for (int j = 0; j < kLanes; ++j) acc[j] += exp_approx(static_cast<A>(x[i + j]) - shift);
-  }
   A s = 0;
-  for (; i < n; ++i) s += exp_approx(static_cast<A>(x[i]) - shift);
-  for (int j = 0; j < kLanes; ++j) s += acc[j];
+  for (int64_t i = 0; i < n; ++i) s += exp_approx(static_cast<A>(x[i]) - shift);
   return s;
+}
+
+template <>
+LMM_FAST_INLINE float row_sum_exp<float, float>(const float* x, int64_t n, float shift) {
+  const f32x8 sh = splat8(shift);
+  f32x8 a0 = splat8(0.0f), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 += exp8(load8(x + i) - sh);
+    a1 += exp8(load8(x + i + 8) - sh);
+  }
+  float s = hsum8(a0 + a1);
+  for (; i < n; ++i) s += exp_approx(x[i] - shift);
+  return s;
+}
+
+// out[t] = scale * exp(x[t] - shift): the bottom level's backward.
+template <typename T, typename A>
+LMM_FAST_INLINE void scaled_exp(const T* x, int64_t n, A shift, A scale, T* out) {
+  for (int64_t t = 0; t < n; ++t) out[t] = static_cast<T>(scale * exp_approx(static_cast<A>(x[t]) - shift));
+}
+
+template <>
+LMM_FAST_INLINE void scaled_exp<float, float>(const float* x, int64_t n, float shift, float scale, float* out) {
+  const f32x8 sh = splat8(shift), sc = splat8(scale);
+  int64_t t = 0;
+  for (; t + 8 <= n; t += 8) store8(out + t, sc * exp8(load8(x + t) - sh));
+  for (; t < n; ++t) out[t] = scale * exp_approx(x[t] - shift);
 }
 
 // log(sum_t exp(x_t) * p_t) over the t with p_t > 0, stable for any logits;
@@ -185,9 +261,7 @@ LMM_FAST_INLINE void backward_row(const LossArgs<T, A>& a, int64_t b, const T* g
     const A r = std::exp(a.log_theta[l] + log_m[b * L + l] - log_z);
     const A scaled = go * r;
     if (l == L - 1) {
-      for (int64_t t = 0; t < n; ++t) {
-        gx[t] = static_cast<T>(scaled * exp_approx(static_cast<A>(x[t]) - level_lse));
-      }
+      scaled_exp<T, A>(x, n, level_lse, scaled, gx);
       gx[y] = static_cast<T>(scaled * (std::exp(static_cast<A>(x[y]) - level_lse) - A(1)));
     } else {
       // d/da_t = r z_t - theta_l z_t Psi[t, y] / z_y; the second term is
