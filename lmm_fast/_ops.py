@@ -10,7 +10,15 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
+try:
+    from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
+except ImportError as error:  # pragma: no cover - depends on the installation
+    raise ImportError(
+        "lmm_fast's compiled operator library (lmm_fast._C) could not be loaded from "
+        f"{__file__.rsplit('/', 1)[0]}: {error}. Install the package with "
+        "`pip install --no-build-isolation .`, or in a source checkout build it in place with "
+        "`python setup.py build_ext --inplace`."
+    ) from error
 
 __all__ = ["lmm_loss_forward", "lmm_loss_backward", "has_cuda_kernels", "accumulate_dtype"]
 

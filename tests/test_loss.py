@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 import lmm_fast
 from lmm_fast import FusedLMMLoss, _ops
 from lmm_fast.reference import lmm_loss_reference, lmm_loss_unfused, predict_proba_reference
+import lmm_fast.testing
 from lmm_fast.testing import dense_psi, random_problem, tolerances, tree_psi
 
 SHAPES = [
@@ -429,3 +430,22 @@ def test_cuda_compile_and_bad_target():
         torch.ops.lmm_fast.lmm_loss_forward.default,
         (x, target.cuda(), loss_fn.psi_t, loss_fn.theta, sizes, -100),
     )
+
+
+@pytest.mark.parametrize("device", lmm_fast.testing.devices())
+def test_masked_logits_minus_inf(device):
+    gen = torch.Generator().manual_seed(18)
+    sizes = [3, 9, 50]
+    logits, target, psi = random_problem(16, sizes, dense=True, generator=gen)
+    theta = torch.tensor([0.3, 0.3, 0.4])
+    masked = logits.detach().clone()
+    target = torch.arange(16) % 10  # targets in 0..9; classes 40..49 are masked
+    masked[:, -10:] = float("-inf")
+    masked[:, 0] = float("-inf")  # one group of the top level masked too
+    x = masked.to(device).requires_grad_()
+    loss = make_loss(psi, theta, 50, reduction="none").to(device)(x, target.to(device))
+    (grad,) = torch.autograd.grad(loss.sum(), x)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[:, -10:] == 0).all() and (grad[:, 0] == 0).all()
+    ref = reference(masked, target, psi, theta)
+    torch.testing.assert_close(loss.double().cpu(), ref.detach(), **tolerances(torch.float32))

@@ -24,6 +24,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kMaxLevels = 16;
+constexpr int kUnroll = 4;
 
 template <typename A>
 struct LevelInfo {
@@ -58,6 +59,8 @@ __device__ __forceinline__ void merge_lse(A& m, A& s, A om, A os) {
 
 template <typename A>
 __device__ __forceinline__ void add_lse(A& m, A& s, A x, A weight) {
+  // A masked (-inf) logit adds nothing; without this, -inf - -inf is NaN.
+  if (x == neg_inf<A>()) return;
   if (x > m) {
     s = s * fast_exp(m - x) + weight;
     m = x;
@@ -141,7 +144,17 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
     if (l == L - 1) {
       A m[1] = {neg_inf<A>()};
       A s[1] = {A(0)};
-      for (int64_t t = threadIdx.x; t < n; t += kThreads) add_lse(m[0], s[0], static_cast<A>(x[t]), A(1));
+      for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
+        // Issue all loads of the batch before the dependent max/sum updates.
+        A v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t t = base + u * kThreads;
+          v[u] = t < n ? static_cast<A>(x[t]) : neg_inf<A>();
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) add_lse(m[0], s[0], v[u], A(1));
+      }
       block_merge_lse<A, 1>(m, s);
       level_lse = m[0] + log(s[0]);
       vote = static_cast<A>(x[y]) - level_lse;
@@ -149,11 +162,19 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
       const A* p = column + info.offsets[l];
       A m[2] = {neg_inf<A>(), neg_inf<A>()};
       A s[2] = {A(0), A(0)};
-      for (int64_t t = threadIdx.x; t < n; t += kThreads) {
-        const A v = static_cast<A>(x[t]);
-        add_lse(m[0], s[0], v, A(1));
-        const A w = p[t];
-        if (w > A(0)) add_lse(m[1], s[1], v, w);
+      for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
+        A v[kUnroll], w[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t t = base + u * kThreads;
+          v[u] = t < n ? static_cast<A>(x[t]) : neg_inf<A>();
+          w[u] = t < n ? p[t] : A(0);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          add_lse(m[0], s[0], v[u], A(1));
+          if (w[u] > A(0)) add_lse(m[1], s[1], v[u], w[u]);
+        }
       }
       block_merge_lse<A, 2>(m, s);
       level_lse = m[0] + log(s[0]);
@@ -197,9 +218,21 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
     const A r = exp(log_theta[l] + log_m[b * L + l] - log_z);
     if (l == L - 1) {
       const A scaled = go * r;
-      for (int64_t t = threadIdx.x; t < n; t += kThreads) {
-        const A e = fast_exp(static_cast<A>(x[t]) - level_lse);
-        gx[t] = static_cast<T>(scaled * (t == y ? e - A(1) : e));
+      for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
+        A v[kUnroll];
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t t = base + u * kThreads;
+          v[u] = t < n ? static_cast<A>(x[t]) : A(0);
+        }
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int64_t t = base + u * kThreads;
+          if (t < n) {
+            const A e = fast_exp(v[u] - level_lse);
+            gx[t] = static_cast<T>(scaled * (t == y ? e - A(1) : e));
+          }
+        }
       }
     } else {
       const A* p = column + info.offsets[l];
