@@ -24,6 +24,7 @@ struct LossGeometry {
   int64_t upper_width = 0;    // sum of the upper level sizes
   std::vector<int64_t> sizes; // per level, top first
   std::vector<int64_t> offsets;  // column offset of each level in the logits
+  int64_t theta_row_stride = 0;  // 0: one theta for all rows; L: one per row
   int64_t num_levels() const { return static_cast<int64_t>(sizes.size()); }
 };
 
@@ -82,9 +83,14 @@ inline LossGeometry check_loss_inputs(
                   psi_t.size(1) == g.upper_width,
       "lmm_fast: psi_t must be [N, sum(upper level sizes)] = [", g.num_classes,
       ", ", g.upper_width, "], got ", psi_t.sizes());
-  TORCH_CHECK(theta.dim() == 1 && theta.size(0) == g.num_levels(),
-      "lmm_fast: theta must have one weight per level (", g.num_levels(),
-      "), got shape ", theta.sizes());
+  // theta is shared by all rows ([L]) or given per row ([B, L], e.g. from a
+  // gating network).
+  TORCH_CHECK((theta.dim() == 1 && theta.size(0) == g.num_levels()) ||
+                  (theta.dim() == 2 && theta.size(0) == g.batch &&
+                   theta.size(1) == g.num_levels()),
+      "lmm_fast: theta must have one weight per level, [", g.num_levels(),
+      "] or per row [", g.batch, ", ", g.num_levels(), "], got shape ", theta.sizes());
+  g.theta_row_stride = theta.dim() == 2 ? g.num_levels() : 0;
   return g;
 }
 

@@ -44,7 +44,8 @@ def lmm_loss_forward(
         target: ``[B]`` int64 class indices in ``[0, N)`` or ``ignore_index``.
         psi_t: ``[N, Σ_{upper} N_l]`` class-major Ψ: row ``y`` holds column ``y``
             of every upper level's Ψ, in level order.
-        theta: ``[L]`` level weights on the simplex.
+        theta: ``[L]`` level weights on the simplex, or ``[B, L]``: one θ per
+            row (e.g. from a gating network).
         level_sizes: ``[N_1, …, N_{L-1}, N]``.
 
     Returns:
@@ -117,7 +118,8 @@ def _backward(ctx, grad_loss, grad_lse, grad_log_m):
         log_z = torch.logsumexp(theta.log() + log_m, dim=1, keepdim=True)
         valid = (target != ctx.ignore_index).unsqueeze(1)
         per_row = -torch.exp(log_m - log_z) * grad_loss.to(log_m.dtype).unsqueeze(1)
-        grad_theta = torch.where(valid, per_row, torch.zeros_like(per_row)).sum(0).to(theta.dtype)
+        per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+        grad_theta = (per_row if theta.dim() == 2 else per_row.sum(0)).to(theta.dtype)
     return grad_logits, None, None, grad_theta, None, None
 
 

@@ -238,6 +238,21 @@ class FusedLMMLoss(nn.Module):
             )
         return logits
 
+    def _row_theta(self, theta: Tensor, batch: int) -> Tensor:
+        if not isinstance(theta, Tensor) or not theta.is_floating_point():
+            raise TypeError("theta must be a floating-point tensor [L] or [B, L]")
+        if theta.shape not in ((self.num_levels,), (batch, self.num_levels)):
+            raise ValueError(
+                f"theta must be [{self.num_levels}] or [B, {self.num_levels}] = [{batch}, {self.num_levels}], "
+                f"got shape {tuple(theta.shape)}"
+            )
+        if not torch.compiler.is_compiling():
+            with torch.no_grad():
+                bad = ((theta.sum(-1) - 1).abs() > 1e-4) | (theta < 0).any(-1)
+                if bool(bad.any()):
+                    raise ValueError("theta must lie on the simplex (non-negative, summing to 1) in every row")
+        return theta
+
     def _operands(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         if not logits.is_floating_point():
             raise TypeError(f"logits must be floating point, got {logits.dtype}")
@@ -260,10 +275,22 @@ class FusedLMMLoss(nn.Module):
             raise ValueError(f"target is on {target.device} but the logits and the loss are on {self.psi_t.device}")
         return target.long()
 
-    def forward(self, logits: Tensor | Sequence[Tensor], target: Tensor) -> Tensor:
+    def forward(
+        self, logits: Tensor | Sequence[Tensor], target: Tensor, theta: Tensor | None = None
+    ) -> Tensor:
+        """Loss of ``logits`` (packed ``[B, ΣN_l]`` or a list) for ``target`` ``[B]``.
+
+        ``theta`` overrides the module's θ for this call: ``[L]``, or ``[B, L]``
+        for one θ per row (e.g. the softmax output of a gating network, which
+        then receives the gradient).
+        """
         logits = self.pack(logits)
         target = self._target(target, logits.shape[0])
-        psi_t, theta = self._operands(logits)
+        psi_t, module_theta = self._operands(logits)
+        if theta is None:
+            theta = module_theta
+        else:
+            theta = self._row_theta(theta, logits.shape[0]).to(device=logits.device, dtype=module_theta.dtype)
         loss, _, _ = _ops.lmm_loss_forward(logits, target, psi_t, theta, self.level_sizes, self.ignore_index)
         if self.reduction == "none":
             return loss
@@ -274,11 +301,13 @@ class FusedLMMLoss(nn.Module):
 
     def predict_proba(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
         """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l``; rows sum to 1."""
-        logits = self.pack(logits)
-        psi_t, theta = self._operands(logits)
-        psi = [p.to(psi_t.dtype) for p in self.psi]
-        with torch.no_grad() if not torch.is_grad_enabled() else torch.enable_grad():
-            return predict_proba_reference(logits.to(psi_t.dtype), psi, theta).to(logits.dtype)
+        # Fused kernels (lmm_fast.predict): a gather through the class -> group
+        # map when Ψ is a tree (detected once, cached until psi_t changes),
+        # else one GEMM for all upper levels. predict_proba_reference is the
+        # oracle of the tests.
+        from lmm_fast.predict import mixture_proba
+
+        return mixture_proba(self.pack(logits), self.psi_t, self.theta, self.level_sizes)
 
     def extra_repr(self) -> str:
         return (

@@ -151,7 +151,7 @@ def test_torch_compile_fullgraph():
     loss_fn = make_loss(psi, [0.1, 0.2, 0.7], 97)
     eager = loss_fn(logits, target)
     (eager_grad,) = torch.autograd.grad(eager, logits)
-    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(loss_fn, fullgraph=True)
     out = compiled(logits, target)
     (grad,) = torch.autograd.grad(out, logits)
     torch.testing.assert_close(out, eager)
@@ -449,3 +449,41 @@ def test_masked_logits_minus_inf(device):
     assert (grad[:, -10:] == 0).all() and (grad[:, 0] == 0).all()
     ref = reference(masked, target, psi, theta)
     torch.testing.assert_close(loss.double().cpu(), ref.detach(), **tolerances(torch.float32))
+
+
+def test_per_row_theta_matches_reference_and_gets_gradient():
+    gen = torch.Generator().manual_seed(19)
+    sizes = [3, 8, 30]
+    logits, target, psi = random_problem(12, sizes, dense=True, generator=gen)
+    gate = torch.randn(12, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    theta = torch.softmax(gate, 1)
+    loss_fn = make_loss(psi, [0.2, 0.3, 0.5], 30, reduction="none")
+    loss = loss_fn(logits, target, theta=theta.float())
+    (grad_gate,) = torch.autograd.grad(loss.sum(), gate)
+    ref = torch.stack(
+        [
+            lmm_loss_reference(
+                logits[i : i + 1].detach().double(), target[i : i + 1], [p.double() for p in psi], torch.softmax(gate, 1)[i]
+            )
+            for i in range(12)
+        ]
+    ).squeeze(1)
+    torch.testing.assert_close(loss.double(), ref.detach(), **tolerances(torch.float32))
+    (ref_grad,) = torch.autograd.grad(ref.sum(), gate)
+    torch.testing.assert_close(grad_gate, ref_grad, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"theta must be \[3\] or \[B, 3\]"):
+        loss_fn(logits, target, theta=torch.ones(5, 3) / 3)
+    with pytest.raises(ValueError, match="theta must lie on the simplex"):
+        loss_fn(logits, target, theta=torch.ones(12, 3))
+
+
+def test_gradcheck_per_row_theta():
+    gen = torch.Generator().manual_seed(20)
+    sizes = [2, 5, 9]
+    logits, target, psi = random_problem(4, sizes, dtype=torch.float64, dense=True, generator=gen)
+    psi_t = torch.cat([p.double().t() for p in psi], 1).contiguous()
+    theta = torch.softmax(torch.randn(4, 3, generator=gen, dtype=torch.float64), 1).requires_grad_()
+    assert torch.autograd.gradcheck(
+        lambda x, th: _ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0], (logits, theta)
+    )
+    torch.library.opcheck(torch.ops.lmm_fast.lmm_loss_forward.default, (logits, target, psi_t, theta, sizes, -100))

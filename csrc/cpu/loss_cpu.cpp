@@ -217,6 +217,7 @@ LMM_FAST_INLINE void forward_row(const LossArgs<T, A>& a, int64_t b, T* loss, A*
   }
   const T* row = a.logits + b * a.row_stride;
   const A* column = a.psi_t + y * g.upper_width;
+  const A* log_theta = a.log_theta + b * g.theta_row_stride;
   A log_z = -std::numeric_limits<A>::infinity();
   for (int64_t l = 0; l < L; ++l) {
     const T* x = row + g.offsets[l];
@@ -231,7 +232,7 @@ LMM_FAST_INLINE void forward_row(const LossArgs<T, A>& a, int64_t b, T* loss, A*
     }
     lse[b * L + l] = level_lse;
     log_m[b * L + l] = vote;
-    log_z = log_add(log_z, a.log_theta[l] + vote);
+    log_z = log_add(log_z, log_theta[l] + vote);
   }
   loss[b] = static_cast<T>(-log_z);
 }
@@ -250,15 +251,16 @@ LMM_FAST_INLINE void backward_row(const LossArgs<T, A>& a, int64_t b, const T* g
   }
   const T* row = a.logits + b * a.row_stride;
   const A* column = a.psi_t + y * g.upper_width;
+  const A* log_theta = a.log_theta + b * g.theta_row_stride;
   A log_z = -std::numeric_limits<A>::infinity();
-  for (int64_t l = 0; l < L; ++l) log_z = log_add(log_z, a.log_theta[l] + log_m[b * L + l]);
+  for (int64_t l = 0; l < L; ++l) log_z = log_add(log_z, log_theta[l] + log_m[b * L + l]);
   for (int64_t l = 0; l < L; ++l) {
     const T* x = row + g.offsets[l];
     T* gx = out + g.offsets[l];
     const int64_t n = g.sizes[l];
     const A level_lse = lse[b * L + l];
     // r: this level's responsibility theta_l m_l / z for the target.
-    const A r = std::exp(a.log_theta[l] + log_m[b * L + l] - log_z);
+    const A r = std::exp(log_theta[l] + log_m[b * L + l] - log_z);
     const A scaled = go * r;
     if (l == L - 1) {
       scaled_exp<T, A>(x, n, level_lse, scaled, gx);
@@ -267,7 +269,7 @@ LMM_FAST_INLINE void backward_row(const LossArgs<T, A>& a, int64_t b, const T* g
       // d/da_t = r z_t - theta_l z_t Psi[t, y] / z_y; the second term is
       // formed in log space so that it stays finite for extreme logits.
       const A* p = column + g.offsets[l];
-      const A shift = a.log_theta[l] - log_z;
+      const A shift = log_theta[l] - log_z;
       for (int64_t t = 0; t < n; ++t) {
         const A v = static_cast<A>(x[t]) - level_lse;
         A val = r * exp_approx(v);

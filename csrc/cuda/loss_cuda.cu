@@ -34,6 +34,7 @@ struct LevelInfo {
   int64_t width;
   int64_t upper_width;
   int64_t num_classes;
+  int64_t theta_row_stride;
 };
 
 template <typename A>
@@ -136,6 +137,7 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
   CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
   const T* row = logits + b * row_stride;
   const A* column = psi_t + y * info.upper_width;
+  log_theta += b * info.theta_row_stride;
   A log_z = neg_inf<A>();
   for (int l = 0; l < L; ++l) {
     const T* x = row + info.offsets[l];
@@ -208,6 +210,7 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
   CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
   const T* row = logits + b * row_stride;
   const A* column = psi_t + y * info.upper_width;
+  log_theta += b * info.theta_row_stride;
   A log_z = neg_inf<A>();
   for (int l = 0; l < L; ++l) log_z = log_add(log_z, log_theta[l] + log_m[b * L + l]);
   for (int l = 0; l < L; ++l) {
@@ -261,6 +264,7 @@ LevelInfo<A> make_level_info(const LossGeometry& g) {
   info.width = g.width;
   info.upper_width = g.upper_width;
   info.num_classes = g.num_classes;
+  info.theta_row_stride = g.theta_row_stride;
   return info;
 }
 
