@@ -1,0 +1,305 @@
+// CPU kernels of the collapsed Gibbs sampler of group labels (paper Eq. 4) and
+// of the Psi-from-counts update (Eq. 6).
+//
+// Per image and upper level the sampler makes four passes over the level's
+// N_l candidates, all but the first in L1: the largest logit, the weights
+// (vectorised: a polynomial exp, two int-to-float conversions, one division),
+// the fixed-point total, and the inverse-CDF scan that stops at the label.
+// The arithmetic is the one in gibbs_common.h, so labels are bit-identical to
+// the CUDA kernels' and to lmm_fast.reference_gibbs.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+// A fused multiply-add rounds once where the device and the reference round
+// twice, which would change labels near a CDF boundary: keep every product
+// and sum separately rounded in this file.
+#if defined(__clang__)
+#pragma clang fp contract(off)
+#elif defined(__GNUC__)
+#pragma GCC optimize("fp-contract=off")
+#endif
+
+#include "gibbs_common.h"
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
+// An AVX2 clone and a baseline clone of each hot loop. No "fma" target: the
+// weights must not be contracted (see above).
+#define LMM_FAST_GIBBS_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define LMM_FAST_GIBBS_MULTIVERSION
+#endif
+
+namespace lmm_fast {
+namespace {
+
+using gibbs::Geometry;
+
+constexpr int kLanes = 16;
+
+// Largest value, NaN ignored; lane accumulators let the compiler vectorise.
+LMM_FAST_GIBBS_MULTIVERSION float max_value(const float* x, int64_t n, float init) {
+  float acc[kLanes];
+  for (int j = 0; j < kLanes; ++j) acc[j] = init;
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int j = 0; j < kLanes; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  }
+  float m = init;
+  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
+  for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
+  return m;
+}
+
+LMM_FAST_GIBBS_MULTIVERSION void level_weights(const float* x, int64_t n, float max_logit,
+                                               const int32_t* counts, const int32_t* totals,
+                                               float beta_y, float beta0, float* w) {
+  for (int64_t t = 0; t < n; ++t) {
+    w[t] = gibbs::candidate_weight(x[t], max_logit, counts[t], totals[t], beta_y, beta0);
+  }
+}
+
+LMM_FAST_GIBBS_MULTIVERSION uint64_t quantize_all(const float* w, int64_t n, double scale,
+                                                  uint64_t* q) {
+  uint64_t total = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    q[t] = gibbs::quantize(w[t], scale);
+    total += q[t];
+  }
+  return total;
+}
+
+struct Workspace {
+  std::vector<float> x, w;
+  std::vector<uint64_t> q;
+  explicit Workspace(int64_t n) : x(n), w(n), q(n) {}
+};
+
+// One draw of the label of one image at one level. `counts` and `totals` point
+// at the level's part of the image's class row of counts_t and of
+// group_totals; `old` is the image's current label, which the weights exclude.
+template <typename T>
+int64_t sample_level(const T* logits, int64_t n, const int32_t* counts, const int32_t* totals,
+                     float beta_y, float beta0, int64_t old, uint64_t random, Workspace& ws) {
+  const float* x;
+  if constexpr (std::is_same_v<T, float>) {
+    x = logits;
+  } else {
+    for (int64_t t = 0; t < n; ++t) ws.x[t] = static_cast<float>(logits[t]);
+    x = ws.x.data();
+  }
+  const float max_logit = max_value(x, n, -std::numeric_limits<float>::infinity());
+  float* w = ws.w.data();
+  level_weights(x, n, max_logit, counts, totals, beta_y, beta0, w);
+  w[old] = gibbs::candidate_weight(x[old], max_logit, counts[old] - 1, totals[old] - 1, beta_y,
+                                   beta0);
+  const float max_weight = max_value(w, n, 0.0f);
+  if (!(max_weight > 0.0f)) return old;  // no finite logit: nothing to sample from
+  uint64_t* q = ws.q.data();
+  const uint64_t total = quantize_all(w, n, gibbs::fixed_point_scale(max_weight), q);
+  const uint64_t target = gibbs::scale_draw(random, total);
+  uint64_t prefix = 0;
+  for (int64_t t = 0; t < n; ++t) {
+    prefix += q[t];
+    if (prefix > target) return t;
+  }
+  return old;  // unreachable: prefix ends at total > target
+}
+
+void check_values_cpu(const Geometry& g, const at::Tensor& target, const at::Tensor& old_labels,
+                      const at::Tensor& image_ids) {
+  const int64_t* y = target.data_ptr<int64_t>();
+  const int64_t* labels = old_labels.data_ptr<int64_t>();
+  const int64_t* ids = image_ids.data_ptr<int64_t>();
+  const int64_t levels = g.num_upper();
+  for (int64_t b = 0; b < g.batch; ++b) {
+    TORCH_CHECK(y[b] >= 0 && y[b] < g.num_classes, "lmm_fast: target[", b, "] = ", y[b],
+                " is out of range [0, ", g.num_classes, ")");
+    TORCH_CHECK(ids[b] >= 0 && ids[b] <= int64_t(0xffffffff), "lmm_fast: image_ids[", b, "] = ",
+                ids[b], " is out of range [0, 2^32)");
+    for (int64_t l = 0; l < levels; ++l) {
+      const int64_t s = labels[b * levels + l];
+      TORCH_CHECK(s >= 0 && s < g.sizes[l], "lmm_fast: old_labels[", b, ", ", l, "] = ", s,
+                  " is out of range [0, ", g.sizes[l], ") for upper level ", l);
+    }
+  }
+}
+
+template <typename T>
+struct SampleArgs {
+  const T* logits;
+  int64_t row_stride;
+  const int64_t* target;
+  const int64_t* old_labels;
+  const int64_t* image_ids;
+  const float* beta;
+  float beta0;
+  uint64_t seed;
+  uint64_t step;
+  const Geometry* geo;
+};
+
+template <typename T>
+int64_t sample_image_level(const SampleArgs<T>& a, const int32_t* counts_t,
+                           const int32_t* totals, int64_t b, int64_t l, Workspace& ws) {
+  const Geometry& g = *a.geo;
+  const int64_t y = a.target[b];
+  const int64_t offset = g.offsets[l];
+  const uint64_t random = gibbs::label_draw(a.seed, a.step, static_cast<uint64_t>(a.image_ids[b]),
+                                            static_cast<uint32_t>(l));
+  return sample_level<T>(a.logits + b * a.row_stride + offset, g.sizes[l],
+                         counts_t + y * g.upper_width + offset, totals + offset, a.beta[y],
+                         a.beta0, a.old_labels[b * g.num_upper() + l], random, ws);
+}
+
+struct Prepared {
+  Geometry geo;
+  at::Tensor logits, target, old_labels, beta, image_ids;
+};
+
+Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& old_labels,
+                 const at::Tensor& counts_t, const at::Tensor& group_totals,
+                 const at::Tensor& beta, double beta0, c10::IntArrayRef level_sizes,
+                 const at::Tensor& image_ids) {
+  Prepared p;
+  p.geo = gibbs::check_sample_inputs(logits, target, old_labels, counts_t, group_totals, beta,
+                                     beta0, level_sizes, image_ids);
+  p.logits = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  p.target = target.contiguous();
+  p.old_labels = old_labels.contiguous();
+  p.beta = beta.contiguous();
+  p.image_ids = image_ids.contiguous();
+  check_values_cpu(p.geo, p.target, p.old_labels, p.image_ids);
+  return p;
+}
+
+at::Tensor gibbs_sample_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                            const at::Tensor& old_labels_in, const at::Tensor& counts_t,
+                            const at::Tensor& group_totals, const at::Tensor& beta_in,
+                            double beta0, c10::IntArrayRef level_sizes, int64_t seed, int64_t step,
+                            const at::Tensor& image_ids_in) {
+  const Prepared p = prepare(logits_in, target_in, old_labels_in, counts_t, group_totals, beta_in,
+                             beta0, level_sizes, image_ids_in);
+  const Geometry& g = p.geo;
+  at::Tensor out = at::empty({g.batch, g.num_upper()}, p.old_labels.options());
+  if (g.batch == 0) return out;
+  // A chunk is at least ~2^20 candidates (about 2 ms on one core): below that,
+  // waking a second thread costs more than it saves, and on a busy machine
+  // it can wait a whole scheduler time slice for a core.
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 20) / std::max<int64_t>(g.upper_width, 1));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "gibbs_sample_cpu", [&] {
+    const SampleArgs<scalar_t> args{p.logits.data_ptr<scalar_t>(), p.logits.stride(0),
+                                    p.target.data_ptr<int64_t>(), p.old_labels.data_ptr<int64_t>(),
+                                    p.image_ids.data_ptr<int64_t>(), p.beta.data_ptr<float>(),
+                                    static_cast<float>(beta0), static_cast<uint64_t>(seed),
+                                    static_cast<uint64_t>(step), &g};
+    const int32_t* counts = counts_t.data_ptr<int32_t>();
+    const int32_t* totals = group_totals.data_ptr<int32_t>();
+    int64_t* labels = out.data_ptr<int64_t>();
+    at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
+      Workspace ws(g.max_size());
+      for (int64_t b = begin; b < end; ++b) {
+        for (int64_t l = 0; l < g.num_upper(); ++l) {
+          labels[b * g.num_upper() + l] = sample_image_level(args, counts, totals, b, l, ws);
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gibbs_sample_exact_cpu(const at::Tensor& logits_in, const at::Tensor& target_in,
+                                  const at::Tensor& old_labels_in, at::Tensor& counts_t,
+                                  at::Tensor& group_totals, const at::Tensor& beta_in,
+                                  double beta0, c10::IntArrayRef level_sizes, int64_t seed,
+                                  int64_t step, const at::Tensor& image_ids_in) {
+  const Prepared p = prepare(logits_in, target_in, old_labels_in, counts_t, group_totals, beta_in,
+                             beta0, level_sizes, image_ids_in);
+  const Geometry& g = p.geo;
+  at::Tensor out = at::empty({g.batch, g.num_upper()}, p.old_labels.options());
+  if (g.batch == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.logits.scalar_type(),
+                                  "gibbs_sample_exact_cpu", [&] {
+    const SampleArgs<scalar_t> args{p.logits.data_ptr<scalar_t>(), p.logits.stride(0),
+                                    p.target.data_ptr<int64_t>(), p.old_labels.data_ptr<int64_t>(),
+                                    p.image_ids.data_ptr<int64_t>(), p.beta.data_ptr<float>(),
+                                    static_cast<float>(beta0), static_cast<uint64_t>(seed),
+                                    static_cast<uint64_t>(step), &g};
+    int32_t* counts = counts_t.data_ptr<int32_t>();
+    int32_t* totals = group_totals.data_ptr<int32_t>();
+    int64_t* labels = out.data_ptr<int64_t>();
+    Workspace ws(g.max_size());
+    // Sequential by definition: each image sees the counts its predecessors left.
+    for (int64_t b = 0; b < g.batch; ++b) {
+      const int64_t y = args.target[b];
+      for (int64_t l = 0; l < g.num_upper(); ++l) {
+        const int64_t old = args.old_labels[b * g.num_upper() + l];
+        const int64_t label = sample_image_level(args, counts, totals, b, l, ws);
+        labels[b * g.num_upper() + l] = label;
+        if (label != old) {
+          int32_t* row = counts + y * g.upper_width + g.offsets[l];
+          row[old] -= 1;
+          row[label] += 1;
+          totals[g.offsets[l] + old] -= 1;
+          totals[g.offsets[l] + label] += 1;
+        }
+      }
+    }
+  });
+  return out;
+}
+
+void gibbs_refresh_psi_cpu(at::Tensor& psi_t, const at::Tensor& counts_t,
+                           const at::Tensor& group_totals, const at::Tensor& beta_in,
+                           double beta0, const at::Tensor& columns_in) {
+  gibbs::check_refresh_inputs(psi_t, counts_t, group_totals, beta_in, beta0, columns_in);
+  const at::Tensor columns = columns_in.contiguous();
+  const at::Tensor beta = beta_in.contiguous();
+  const int64_t rows = psi_t.size(0);
+  const int64_t width = psi_t.size(1);
+  const int64_t ncols = columns.numel();
+  if (rows == 0 || ncols == 0) return;
+  const int64_t* cols = columns.data_ptr<int64_t>();
+  const int32_t* totals = group_totals.data_ptr<int32_t>();
+  std::vector<double> denominator(ncols);
+  for (int64_t j = 0; j < ncols; ++j) {
+    TORCH_CHECK(cols[j] >= 0 && cols[j] < width, "lmm_fast: columns[", j, "] = ", cols[j],
+                " is out of range [0, ", width, ")");
+    denominator[j] = static_cast<double>(totals[cols[j]]) + beta0;
+  }
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const float* b = beta.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 32768 / ncols);
+  AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_refresh_psi_cpu", [&] {
+    scalar_t* psi = psi_t.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t y = begin; y < end; ++y) {
+        const double prior = static_cast<double>(b[y]);
+        const int32_t* count_row = counts + y * width;
+        scalar_t* psi_row = psi + y * width;
+        for (int64_t j = 0; j < ncols; ++j) {
+          const int64_t c = cols[j];
+          psi_row[c] = static_cast<scalar_t>((static_cast<double>(count_row[c]) + prior) /
+                                             denominator[j]);
+        }
+      }
+    });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
+  m.impl("gibbs_sample", &gibbs_sample_cpu);
+  m.impl("gibbs_sample_exact", &gibbs_sample_exact_cpu);
+  m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cpu);
+}
+
+}  // namespace lmm_fast

@@ -1,0 +1,127 @@
+"""Typed wrappers of the collapsed Gibbs operators (``torch.ops.lmm_fast.gibbs_*``)
+and their fake (meta) kernels.
+
+The sampling ops return integer labels and are not differentiable; callers
+pass detached logits (:class:`lmm_fast.GibbsAdapter` does).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
+
+__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi"]
+
+
+def gibbs_sample(
+    logits: Tensor,
+    target: Tensor,
+    old_labels: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    level_sizes: Sequence[int],
+    seed: int,
+    step: int,
+    image_ids: Tensor,
+) -> Tensor:
+    """Draw new group labels for a mini-batch at every upper level (Eq. 4).
+
+    Every image is conditioned on the counts minus its own current label only
+    (the batch is sampled in parallel, as AD-LDA does); the counts are not
+    changed.
+
+    Args:
+        logits: ``[B, ΣN_l]`` packed logits, top level first (float32/64,
+            float16, bfloat16), or their upper levels only
+            ``[B, Σ_upper N_l]``; rows may be strided. Only the upper levels
+            are read, as float32. A NaN or -inf logit's group is never drawn;
+            a level without any finite logit (or with a +inf one) keeps the
+            old label.
+        target: ``[B]`` int64 classes.
+        old_labels: ``[B, L-1]`` int64 current labels, level-local ids.
+        counts_t: ``[N, Σ_upper N_l]`` int32 class-major Ω (row ``y`` holds
+            ``Ω^l[:, y]`` of every upper level in level order), contiguous.
+        group_totals: ``[Σ_upper N_l]`` int32 ``n_t``, contiguous.
+        beta: ``[N]`` float32 Dirichlet prior; ``beta0``: ``β_0 > 0``.
+        level_sizes: ``[N_1, …, N_{L-1}, N]``.
+        seed, step: key and counter of the Philox stream; with
+            ``image_ids`` ``[B]`` int64 (in ``[0, 2^32)``) they fix each draw.
+
+    Returns:
+        ``[B, L-1]`` int64 new labels.
+    """
+    return torch.ops.lmm_fast.gibbs_sample.default(
+        logits, target, old_labels, counts_t, group_totals, beta, float(beta0),
+        list(level_sizes), int(seed), int(step), image_ids,
+    )
+
+
+def gibbs_sample_exact(
+    logits: Tensor,
+    target: Tensor,
+    old_labels: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    level_sizes: Sequence[int],
+    seed: int,
+    step: int,
+    image_ids: Tensor,
+) -> Tensor:
+    """The exact sequential collapsed Gibbs sampler: images one at a time in
+    batch order, each seeing the counts its predecessors left. Updates
+    ``counts_t`` and ``group_totals`` in place; arguments and result as
+    :func:`gibbs_sample` (a batch of one gives the same label as there)."""
+    return torch.ops.lmm_fast.gibbs_sample_exact.default(
+        logits, target, old_labels, counts_t, group_totals, beta, float(beta0),
+        list(level_sizes), int(seed), int(step), image_ids,
+    )
+
+
+def gibbs_refresh_psi(
+    psi_t: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    columns: Tensor,
+) -> None:
+    """Eq. 6 on some columns of the class-major Ψ, in place:
+    ``psi_t[:, c] = (counts_t[:, c] + beta) / (group_totals[c] + beta0)``,
+    computed in float64 and rounded to ``psi_t``'s dtype.
+
+    Args:
+        psi_t: ``[N, Σ_upper N_l]`` float32/64, contiguous (e.g. a
+            :class:`~lmm_fast.FusedLMMLoss`'s ``psi_t`` buffer).
+        counts_t: int32, same shape; group_totals: ``[Σ_upper N_l]`` int32.
+        beta: ``[N]`` float32; beta0: ``β_0 > 0``.
+        columns: ``[C]`` int64 column indices (global, across the levels).
+    """
+    torch.ops.lmm_fast.gibbs_refresh_psi.default(psi_t, counts_t, group_totals, beta, float(beta0), columns)
+
+
+@torch.library.register_fake("lmm_fast::gibbs_sample")
+def _gibbs_sample_fake(logits, target, old_labels, counts_t, group_totals, beta, beta0, level_sizes,
+                       seed, step, image_ids):
+    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
+    torch._check(old_labels.dim() == 2, lambda: "lmm_fast: old_labels must be [B, L-1]")
+    return torch.empty(old_labels.shape, dtype=old_labels.dtype, device=old_labels.device)
+
+
+@torch.library.register_fake("lmm_fast::gibbs_sample_exact")
+def _gibbs_sample_exact_fake(logits, target, old_labels, counts_t, group_totals, beta, beta0,
+                             level_sizes, seed, step, image_ids):
+    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
+    torch._check(old_labels.dim() == 2, lambda: "lmm_fast: old_labels must be [B, L-1]")
+    return torch.empty(old_labels.shape, dtype=old_labels.dtype, device=old_labels.device)
+
+
+@torch.library.register_fake("lmm_fast::gibbs_refresh_psi")
+def _gibbs_refresh_psi_fake(psi_t, counts_t, group_totals, beta, beta0, columns):
+    return None

@@ -1,0 +1,701 @@
+"""Bayesian adaptation of the group-object matrix Ψ by collapsed Gibbs sampling
+(paper Section IV, Eq. 4-6, and Algorithm 1).
+
+Every training image ``i`` carries, per upper level, a latent group label
+``t_i``; the counts ``Ω^l[t, y]`` (images of class ``y`` labelled ``t``) and
+``n_t = Σ_y Ω^l[t, y]`` summarise them. :class:`GibbsAdapter` re-samples the
+labels of each mini-batch from
+
+    P(t_i = t | rest) ∝ (Ω^{¬i}[t, y_i] + β_{y_i}) / (n^{¬i}_t + β_0) · softmax(a^l(x_i))_t
+
+updates Ω, and rewrites Ψ^l[t, y] = (Ω[t, y] + β_y) / (n_t + β_0) (Eq. 6) inside
+the :class:`~lmm_fast.FusedLMMLoss` it adapts, so the next loss evaluation
+sees the new Ψ. See docs/adaptation.md for the design and its measurements.
+
+Storage mirrors the loss: Ω is held once, class-major, as ``counts_t``
+``[N, Σ_upper N_l]`` int32, so that the sampler reads the column ``Ω^l[:, y]``
+of an image's class contiguously; :attr:`GibbsAdapter.counts` gives
+``[N_l, N]`` views.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lmm_fast import _gibbs_ops
+
+__all__ = ["GibbsAdapter", "PRIORS"]
+
+PRIORS = ("per_class", "total")
+_STATE_VERSION = 1
+# Elements of the float64 temporaries the non-overlapping update builds at once
+# (2 MiB: they stay in cache; much larger blocks are bound by memory traffic).
+_BLOCK_ELEMENTS = 1 << 18
+
+
+def _as_index_tensor(value: Any, name: str) -> Tensor:
+    if not isinstance(value, Tensor):
+        raise TypeError(f"{name} must be a tensor of integer indices, got {type(value).__name__}")
+    if value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+        raise TypeError(f"{name} must hold integers, got dtype {value.dtype}")
+    if value.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(value.shape)}")
+    return value.long()
+
+
+class GibbsAdapter:
+    r"""Collapsed Gibbs adaptation of Ψ for a :class:`~lmm_fast.FusedLMMLoss`.
+
+    Args:
+        loss_fn: the loss whose Ψ is adapted (its ``psi_t`` buffer is
+            rewritten in place; the adapter works on the loss's device).
+        h: the hierarchy the loss was built from: anything with
+            ``num_classes``, ``level_sizes`` (upper levels, top first) and
+            ``assignments`` (one long ``[N]`` tensor per upper level: the group
+            of each class; for a dense hierarchy its argmax group), e.g. a
+            :class:`lmm_fast.Hierarchy`. Each image's labels start at its
+            class's groups.
+        train_targets: long ``[Ξ]``, the class of every training image (the
+            dataset index of an image is its position here).
+        beta: the Dirichlet prior, a positive float or a positive ``[N]``
+            tensor.
+        non_overlapping: apply the non-overlapping constraint ("TC" in the
+            paper's Table I) when forming Ψ from the counts: each class is kept
+            only in its best group ``argmax_t Ψ[t, y]`` (lowest ``t`` on ties)
+            and every group's row is renormalised over the classes it keeps,
+            ``Ψ[t, y] = (Ω[t, y] + β_y) / Σ_{y' kept in t} (Ω[t, y'] + β_{y'})``.
+            A group that keeps no class at all keeps its unconstrained Eq. 6
+            row ``(Ω[t, :] + β) / (n_t + β_0)`` (a distribution over the classes
+            whose images still carry its label, smoothed by β), so every row of
+            Ψ stays a distribution and ``P(y | x)`` stays normalised.
+        seed: key of the counter-based random stream (Philox4x32-10); with the
+            step counter, the image index and the level it fixes every draw.
+        prior: ``"per_class"`` (the paper): ``β_y = beta`` and
+            ``β_0 = Σ_y β_y``, so a constant β gives ``β_0 = N β``, which for
+            large N outweighs the images of a small class; ``"total"``:
+            ``β_y = beta / N``, so that a constant ``beta`` is the total
+            pseudo-count ``β_0`` of each group's prior.
+        distributed: under ``torch.distributed`` (``None``: whenever it is
+            initialised with more than one process) every rank samples the
+            images of its own batch and the changes are gathered and applied
+            on every rank, so all ranks hold identical labels, Ω and Ψ after
+            every step. Every rank must call :meth:`step` the same number of
+            times (an empty batch is fine).
+        process_group: the group for the collectives (default: the world).
+
+    Shapes:
+        :attr:`counts`: ``[N_l, N]`` int32 per upper level; :attr:`labels`:
+        ``[Ξ, L-1]`` int64; :meth:`step` takes packed logits ``[B, ΣN_l]`` (or
+        the per-level list, or just the upper levels ``[B, Σ_upper N_l]``),
+        ``target`` ``[B]`` and ``indices`` ``[B]``.
+
+    Until the first :meth:`step` (or :meth:`refresh_psi`) the loss keeps the
+    Ψ it was built with (the warm-up epochs of Algorithm 1 use the
+    pre-trained hierarchy); the first step rewrites all of Ψ from the counts,
+    every later step only the groups whose counts changed.
+    """
+
+    def __init__(
+        self,
+        loss_fn,
+        h,
+        train_targets: Tensor,
+        beta: float | Tensor = 1.0,
+        non_overlapping: bool = False,
+        seed: int = 0,
+        *,
+        prior: str = "per_class",
+        distributed: bool | None = None,
+        process_group=None,
+    ) -> None:
+        for attr in ("num_classes", "level_sizes", "assignments"):
+            if not hasattr(h, attr):
+                raise TypeError(f"h must be a hierarchy with num_classes, level_sizes and assignments; it has no {attr!r}")
+        psi_t = getattr(loss_fn, "psi_t", None)
+        if not isinstance(psi_t, Tensor):
+            raise TypeError("loss_fn must be a FusedLMMLoss (it has no psi_t buffer)")
+        self.loss_fn = loss_fn
+        self.num_classes = int(h.num_classes)
+        self.level_sizes = [int(k) for k in h.level_sizes]
+        if not self.level_sizes:
+            raise ValueError("h has no upper level: there is nothing to adapt")
+        if list(loss_fn.upper_sizes) != self.level_sizes or int(loss_fn.num_classes) != self.num_classes:
+            raise ValueError(
+                f"loss_fn (upper levels {list(loss_fn.upper_sizes)}, {loss_fn.num_classes} classes) does not "
+                f"match h (upper levels {self.level_sizes}, {self.num_classes} classes)"
+            )
+        if psi_t.dim() != 2 or not psi_t.is_contiguous():
+            raise ValueError("loss_fn.psi_t must be a contiguous [N, sum(upper level sizes)] tensor")
+        if prior not in PRIORS:
+            raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
+        if distributed not in (None, True, False):
+            raise TypeError(f"distributed must be None, True or False, got {distributed!r}")
+        self.non_overlapping = bool(non_overlapping)
+        self.prior = prior
+        self.seed = int(seed)
+        self.step_count = 0
+        self._distributed = distributed
+        self._group = process_group
+        device = psi_t.device
+        self.offsets = [0] + list(itertools.accumulate(self.level_sizes[:-1]))
+        self.upper_width = sum(self.level_sizes)
+
+        n = self.num_classes
+        targets = _as_index_tensor(train_targets, "train_targets").detach()
+        if targets.numel() == 0:
+            raise ValueError("train_targets is empty: there are no training images to adapt on")
+        if targets.numel() >= 2**31 - 1:
+            raise ValueError(f"at most 2^31 - 2 training images are supported, got {targets.numel()}")
+        low, high = int(targets.min()), int(targets.max())
+        if low < 0 or high >= n:
+            bad = int(((targets < 0) | (targets >= n)).nonzero()[0, 0])
+            raise ValueError(f"train_targets[{bad}] = {int(targets[bad])} is not a class in [0, {n})")
+        self.train_targets = targets.to(device)
+        self.beta, self.beta0 = self._make_beta(beta, n, device, prior)
+
+        assignments = [_as_index_tensor(a, f"h.assignments[{l}]") for l, a in enumerate(h.assignments)]
+        if len(assignments) != len(self.level_sizes):
+            raise ValueError(f"h has {len(self.level_sizes)} upper levels but {len(assignments)} assignments")
+        for l, (a, k) in enumerate(zip(assignments, self.level_sizes)):
+            if a.numel() != n or int(a.min()) < 0 or int(a.max()) >= k:
+                raise ValueError(f"h.assignments[{l}] must give every one of the {n} classes a group in [0, {k})")
+        groups = torch.stack([a.to(device) for a in assignments], dim=1)  # [N, L-1]
+        self._labels = groups[self.train_targets].contiguous()
+        self._offsets_t = torch.tensor(self.offsets, dtype=torch.long, device=device)
+        self.counts_t = torch.zeros(n, self.upper_width, dtype=torch.int32, device=device)
+        self.group_totals = torch.zeros(self.upper_width, dtype=torch.int32, device=device)
+        # The non-overlapping update compares every class's value in each
+        # changed group: a group-major copy of Ω makes those reads contiguous
+        # (the class-major one serves the sampler). Kept only when needed.
+        self._counts_g: Tensor | None = None
+        self._recount()
+        self._psi_synced = False
+        self._owner: list[Tensor] | None = None
+        self._empty: list[Tensor] | None = None
+
+    # ------------------------------------------------------------------ setup
+    @staticmethod
+    def _make_beta(beta: float | Tensor, n: int, device, prior: str) -> tuple[Tensor, float]:
+        if isinstance(beta, Tensor):
+            if beta.dim() == 0:
+                beta = float(beta)
+            else:
+                if beta.dim() != 1 or beta.numel() != n:
+                    raise ValueError(f"beta must be a float or an [N] = [{n}] tensor, got shape {tuple(beta.shape)}")
+                if not beta.is_floating_point():
+                    beta = beta.double()
+                if not bool(torch.isfinite(beta).all()) or bool((beta <= 0).any()):
+                    bad = int((~torch.isfinite(beta) | (beta <= 0)).nonzero()[0, 0])
+                    raise ValueError(f"beta must be positive and finite: beta[{bad}] = {float(beta[bad])}")
+                vector = beta.detach().to(device=device, dtype=torch.float32)
+        if not isinstance(beta, Tensor):
+            value = float(beta)
+            if not (value > 0 and value < float("inf")):
+                raise ValueError(f"beta must be positive and finite, got {value}")
+            vector = torch.full((n,), value, dtype=torch.float32, device=device)
+        if prior == "total":
+            vector = vector / n
+        return vector, float(vector.double().sum())
+
+    def _recount(self) -> None:
+        """Ω and n from the labels (Eq. 5)."""
+        self.counts_t.zero_()
+        self.group_totals.zero_()
+        cols = self._labels + self._offsets_t
+        rows = self.train_targets[:, None].expand_as(cols)
+        ones = torch.ones(cols.numel(), dtype=torch.int32, device=cols.device)
+        self.counts_t.index_put_((rows.reshape(-1), cols.reshape(-1)), ones, accumulate=True)
+        self.group_totals.index_add_(0, cols.reshape(-1), ones)
+        self._counts_g = self.counts_t.t().contiguous() if self.non_overlapping else None
+
+    def _move_group_major(self, target: Tensor, old: Tensor, new: Tensor) -> None:
+        if self._counts_g is None:
+            return
+        cols_old = (old + self._offsets_t).reshape(-1)
+        cols_new = (new + self._offsets_t).reshape(-1)
+        rows = target[:, None].expand_as(old).reshape(-1)
+        ones = torch.ones(cols_old.numel(), dtype=torch.int32, device=self.device)
+        self._counts_g.index_put_((cols_old, rows), -ones, accumulate=True)
+        self._counts_g.index_put_((cols_new, rows), ones, accumulate=True)
+
+    # ------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.counts_t.device
+
+    @property
+    def num_images(self) -> int:
+        """Ξ, the number of training images."""
+        return self.train_targets.numel()
+
+    @property
+    def counts(self) -> list[Tensor]:
+        """Ω^l per upper level: ``[N_l, N]`` int32 views of ``counts_t`` (read-only by convention)."""
+        return [self.counts_t[:, o : o + k].t() for o, k in zip(self.offsets, self.level_sizes)]
+
+    @property
+    def labels(self) -> Tensor:
+        """``[Ξ, L-1]`` int64: the current group label of every image at every
+        upper level (level-local ids). Do not modify it; it is the adapter's state."""
+        return self._labels
+
+    @property
+    def beta_vector(self) -> Tensor:
+        """``[N]`` float32 β_y in use (after the ``prior`` scaling)."""
+        return self.beta
+
+    # -------------------------------------------------------------- devices
+    def to(self, device: torch.device | str) -> "GibbsAdapter":
+        """Move the adapter's state (not the loss) to ``device``."""
+        device = torch.device(device)
+        for name in ("train_targets", "beta", "_labels", "_offsets_t", "counts_t", "group_totals"):
+            setattr(self, name, getattr(self, name).to(device))
+        if self._counts_g is not None:
+            self._counts_g = self._counts_g.to(device)
+        if self._owner is not None:
+            self._owner = [o.to(device) for o in self._owner]
+            self._empty = [e.to(device) for e in self._empty]
+        return self
+
+    def _check_devices(self, **tensors: Tensor) -> None:
+        psi_device = self.loss_fn.psi_t.device
+        if psi_device != self.device:
+            raise ValueError(
+                f"the loss's Ψ is on {psi_device} but the adapter's counts are on {self.device}; "
+                f"move both to one device (adapter.to({str(psi_device)!r}))"
+            )
+        for name, t in tensors.items():
+            if t.device != self.device:
+                raise ValueError(f"{name} is on {t.device} but the adapter and its loss are on {self.device}")
+
+    # ----------------------------------------------------------------- step
+    def _upper_logits(self, logits) -> Tensor:
+        if isinstance(logits, (list, tuple)):
+            logits = self.loss_fn.pack(logits)
+        if not isinstance(logits, Tensor):
+            raise TypeError(f"logits must be a tensor or a list of per-level tensors, got {type(logits).__name__}")
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        full = self.upper_width + self.num_classes
+        if logits.dim() != 2 or logits.shape[1] not in (full, self.upper_width):
+            raise ValueError(
+                f"logits must be [B, {full}] (levels {self.level_sizes + [self.num_classes]} packed, top first) "
+                f"or the upper levels only [B, {self.upper_width}], got shape {tuple(logits.shape)}"
+            )
+        return logits.detach()
+
+    def _validate(self, logits, target, indices) -> tuple[Tensor, Tensor, Tensor]:
+        """Checks a batch without changing anything; returns (logits, target, indices)."""
+        logits = self._upper_logits(logits)
+        target = _as_index_tensor(target, "target")
+        indices = _as_index_tensor(indices, "indices")
+        batch = logits.shape[0]
+        if target.numel() != batch or indices.numel() != batch:
+            raise ValueError(
+                f"logits has {batch} rows but target has {target.numel()} and indices {indices.numel()}: "
+                f"all three describe the same images"
+            )
+        self._check_devices(logits=logits, target=target, indices=indices)
+        if batch == 0:
+            return logits, target, indices
+        xi = self.num_images
+        safe = indices.clamp(0, xi - 1)
+        ordered = torch.sort(indices).values
+        flags = torch.stack([
+            ((indices >= 0) & (indices < xi)).all(),
+            (ordered[1:] != ordered[:-1]).all(),
+            (self.train_targets[safe] == target).all(),
+        ]).tolist()  # one device sync for all three checks
+        if not flags[0]:
+            bad = int(((indices < 0) | (indices >= xi)).nonzero()[0, 0])
+            raise ValueError(f"indices[{bad}] = {int(indices[bad])} is not a training image index in [0, {xi})")
+        if not flags[1]:
+            repeated = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+            raise ValueError(f"indices holds image {repeated} more than once: each image of a batch is sampled once")
+        if not flags[2]:
+            bad = int((self.train_targets[safe] != target).nonzero()[0, 0])
+            raise ValueError(
+                f"target[{bad}] = {int(target[bad])} but train_targets[indices[{bad}]] = "
+                f"train_targets[{int(indices[bad])}] = {int(self.train_targets[safe[bad]])}: "
+                f"indices must be the dataset positions of the batch's images"
+            )
+        return logits, target, indices
+
+    @torch.no_grad()
+    def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
+        """Sample the group labels of a mini-batch, update Ω and the loss's Ψ.
+
+        Args:
+            logits: the batch's logits, packed ``[B, ΣN_l]`` or a per-level list
+                (detached here; only the upper levels are read).
+            target: ``[B]`` classes (must equal ``train_targets[indices]``).
+            indices: ``[B]`` dataset indices of the images, distinct.
+            exact: sample one image at a time in batch order (the exact
+                sequential collapsed Gibbs sampler) instead of all at once.
+
+        Non-finite logits are not checked (that would cost a pass over them):
+        a NaN or -inf logit's group is never drawn, and an image whose level
+        has no finite logit (or a +inf one) keeps its label there.
+
+        Returns:
+            ``[B, L-1]`` int64 new labels of the batch's images.
+
+        A refused batch (a ``ValueError``/``TypeError`` naming the problem)
+        changes nothing: not the labels, Ω, Ψ nor the step counter.
+        """
+        dist = self._dist()
+        if dist is None:
+            logits, target, indices = self._validate(logits, target, indices)
+            new = self._sample(logits, target, indices, exact)
+        else:
+            new = self._step_distributed(dist, logits, target, indices, exact)
+        self.step_count += 1
+        return new
+
+    def _sample(self, logits: Tensor, target: Tensor, indices: Tensor, exact: bool) -> Tensor:
+        old = self._labels[indices]
+        if indices.numel() == 0:
+            new = old.clone()
+        elif exact:
+            new = _gibbs_ops.gibbs_sample_exact(
+                logits, target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
+                self.level_sizes + [self.num_classes], self.seed, self.step_count, indices,
+            )
+            self._move_group_major(target, old, new)
+            self._labels[indices] = new
+        else:
+            new = self._draw(logits, target, indices, old)
+            self._apply(target, old, new)
+            self._labels[indices] = new
+        self._after_counts_changed(old, new)
+        return new
+
+    def _draw(self, logits: Tensor, target: Tensor, indices: Tensor, old: Tensor) -> Tensor:
+        return _gibbs_ops.gibbs_sample(
+            logits, target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
+            self.level_sizes + [self.num_classes], self.seed, self.step_count, indices,
+        )
+
+    def _apply(self, target: Tensor, old: Tensor, new: Tensor) -> None:
+        """Moves the images from their old to their new groups in Ω and n."""
+        cols_old = (old + self._offsets_t).reshape(-1)
+        cols_new = (new + self._offsets_t).reshape(-1)
+        rows = target[:, None].expand_as(old).reshape(-1)
+        ones = torch.ones(cols_old.numel(), dtype=torch.int32, device=self.device)
+        self.counts_t.index_put_((rows, cols_old), -ones, accumulate=True)
+        self.counts_t.index_put_((rows, cols_new), ones, accumulate=True)
+        self.group_totals.index_add_(0, cols_old, -ones)
+        self.group_totals.index_add_(0, cols_new, ones)
+        self._move_group_major(target, old, new)
+
+    def _after_counts_changed(self, old: Tensor, new: Tensor) -> None:
+        if not self._psi_synced:
+            self.refresh_psi()
+            return
+        moved = old != new
+        cols = torch.cat([(old + self._offsets_t)[moved], (new + self._offsets_t)[moved]])
+        if cols.numel() == 0:
+            return
+        self._refresh_columns(torch.unique(cols))
+
+    # ----------------------------------------------------------- distributed
+    def _dist(self):
+        if self._distributed is False:
+            return None
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            if self._distributed:
+                raise RuntimeError("GibbsAdapter(distributed=True) needs torch.distributed to be initialised")
+            return None
+        if dist.get_world_size(self._group) == 1:
+            return None
+        return dist
+
+    def _comm_device(self, dist) -> torch.device:
+        if dist.get_backend(self._group) == "nccl":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu")
+
+    def _all_gather(self, dist, tensor: Tensor) -> list[Tensor]:
+        parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size(self._group))]
+        dist.all_gather(parts, tensor.contiguous(), group=self._group)
+        return parts
+
+    def _step_distributed(self, dist, logits, target, indices, exact: bool) -> Tensor:
+        comm = self._comm_device(dist)
+        error: Exception | None = None
+        try:
+            logits, target, indices = self._validate(logits, target, indices)
+            batch = indices.numel()
+        except (ValueError, TypeError) as exc:
+            error, batch = exc, 0
+        # Every rank learns whether all batches are valid before anything
+        # changes, so that a refused batch is refused on every rank.
+        header = torch.tensor([int(error is None), batch, int(bool(exact)), self.step_count],
+                              dtype=torch.long, device=comm)
+        headers = torch.stack(self._all_gather(dist, header)).cpu()
+        if error is not None:
+            raise error
+        if not bool(headers[:, 0].all()):
+            ranks = (headers[:, 0] == 0).nonzero().flatten().tolist()
+            raise RuntimeError(f"GibbsAdapter.step: rank(s) {ranks} refused their batch; nothing was changed")
+        if bool((headers[:, 2] != headers[0, 2]).any()) or bool((headers[:, 3] != headers[0, 3]).any()):
+            raise RuntimeError(
+                f"GibbsAdapter.step: ranks disagree on exact= or on the step counter "
+                f"({headers[:, 2:].tolist()}); every rank must call step() alike"
+            )
+        sizes = headers[:, 1].tolist()
+        most = max(sizes)
+        lu = len(self.level_sizes)
+        if exact:
+            # The exact sampler is sequential over the whole (global) batch:
+            # every rank replays it on the gathered batch, bit-identically. The
+            # kernels read logits as float32, so gathering them as float32 is exact.
+            payload = torch.zeros(most, 2 + self.upper_width, dtype=torch.float64, device=comm)
+            payload[:batch, 0] = indices.to(comm, torch.float64)
+            payload[:batch, 1] = target.to(comm, torch.float64)
+            payload[:batch, 2:] = logits[:, : self.upper_width].to(comm, torch.float32).double()
+            parts = [p[:s] for p, s in zip(self._all_gather(dist, payload), sizes)]
+            gathered = torch.cat(parts).to(self.device)
+            all_indices = gathered[:, 0].long()
+            all_target = gathered[:, 1].long()
+            all_logits = gathered[:, 2:].float()
+        else:
+            new_local = self._draw(logits, target, indices, self._labels[indices]) if batch else \
+                torch.empty(0, lu, dtype=torch.long, device=self.device)
+            payload = torch.zeros(most, 1 + lu, dtype=torch.long, device=comm)
+            payload[:batch, 0] = indices.to(comm)
+            payload[:batch, 1:] = new_local.to(comm)
+            parts = [p[:s] for p, s in zip(self._all_gather(dist, payload), sizes)]
+            gathered = torch.cat(parts).to(self.device)
+            all_indices = gathered[:, 0]
+            all_new = gathered[:, 1:]
+            all_target = self.train_targets[all_indices]
+        ordered = torch.sort(all_indices).values
+        if bool((ordered[1:] == ordered[:-1]).any()):
+            repeated = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
+            raise ValueError(
+                f"image {repeated} is in the batches of two ranks: each image of a step must be "
+                f"sampled by one rank only (use a DistributedSampler)"
+            )
+        old = self._labels[all_indices]
+        if exact:
+            if all_indices.numel():
+                new = _gibbs_ops.gibbs_sample_exact(
+                    all_logits, all_target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
+                    self.level_sizes + [self.num_classes], self.seed, self.step_count, all_indices,
+                )
+                self._move_group_major(all_target, old, new)
+            else:
+                new = old.clone()
+        else:
+            new = all_new
+            self._apply(all_target, old, new)
+        self._labels[all_indices] = new
+        self._after_counts_changed(old, new)
+        rank = dist.get_rank(self._group)
+        start = sum(sizes[:rank])
+        return new[start : start + sizes[rank]]
+
+    # ------------------------------------------------------------------- Ψ
+    @torch.no_grad()
+    def refresh_psi(self) -> None:
+        """Rewrite all of the loss's Ψ from the counts (Eq. 6, and the
+        non-overlapping constraint if enabled). :meth:`step` calls it once,
+        on the first step, and afterwards updates only what changed."""
+        self._check_devices()
+        if self.non_overlapping:
+            self._owner, self._empty = [], []
+            for level in range(len(self.level_sizes)):
+                self._refresh_level_tc(level, None)
+        else:
+            columns = torch.arange(self.upper_width, device=self.device)
+            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.counts_t, self.group_totals,
+                                         self.beta, self.beta0, columns)
+        self._psi_synced = True
+
+    def _refresh_columns(self, columns: Tensor) -> None:
+        """Rewrite the columns of Ψ (class-major: the groups) whose counts changed."""
+        self._check_devices()
+        if not self.non_overlapping:
+            # Eq. 6 only changes in the rows (groups) whose n_t or Ω[t, :]
+            # changed: O(N) per changed group, nothing else is touched.
+            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.counts_t, self.group_totals,
+                                         self.beta, self.beta0, columns)
+            return
+        for level, (offset, size) in enumerate(zip(self.offsets, self.level_sizes)):
+            local = columns[(columns >= offset) & (columns < offset + size)] - offset
+            if local.numel():
+                self._refresh_level_tc(level, local)
+
+    def _eq6(self, counts: Tensor, beta: Tensor, columns: Tensor) -> Tensor:
+        """Eq. 6 in float64 for gathered counts ``[R, C]``, the β ``[R]`` of
+        their classes and the global columns ``[C]`` they come from; the
+        operations of the kernels, so that equal values compare equal."""
+        return (counts.double() + beta.double()[:, None]) / (self.group_totals[columns].double() + self.beta0)
+
+    def _best_groups(self, level: int, classes: Tensor) -> Tensor:
+        """argmax_t of Eq. 6 (first maximum) for ``classes`` over all groups of ``level``."""
+        offset, size = self.offsets[level], self.level_sizes[level]
+        columns = torch.arange(offset, offset + size, device=self.device)
+        level_counts = self.counts_t.narrow(1, offset, size)
+        groups = torch.empty(classes.numel(), dtype=torch.long, device=self.device)
+        block = max(1, _BLOCK_ELEMENTS // size)
+        for start in range(0, classes.numel(), block):
+            part = classes[start : start + block]
+            values = self._eq6(level_counts.index_select(0, part), self.beta[part], columns)
+            groups[start : start + block] = values.argmax(dim=1)
+        return groups
+
+    def _refresh_level_tc(self, level: int, changed: Tensor | None) -> None:
+        """Non-overlapping Ψ of one level: full when ``changed`` is None, else
+        incremental for the groups ``changed`` (sorted, level-local) whose
+        counts changed.
+
+        Incrementally, a class keeps its owner unless a changed group now beats
+        it (one comparison per class and changed group) or its owner itself
+        changed (then its whole column of groups is rescanned); only the
+        columns whose membership or emptiness changed are rewritten in full,
+        plus one entry per class.
+        """
+        psi_t = self.loss_fn.psi_t
+        offset, size = self.offsets[level], self.level_sizes[level]
+        n = self.num_classes
+        classes = torch.arange(n, device=self.device)
+        if changed is None:
+            owner = self._best_groups(level, classes)
+        else:
+            previous = self._owner[level]
+            owner = previous.clone()
+            own_columns = previous + offset
+            # each class's value in its current owner group, the same
+            # operations as _eq6 (elementwise), so ties are seen as ties
+            own_values = ((self.counts_t.gather(1, own_columns[:, None]).squeeze(1).double() + self.beta.double())
+                          / (self.group_totals[own_columns].double() + self.beta0))
+            in_changed = torch.zeros(size, dtype=torch.bool, device=self.device)
+            in_changed[changed] = True
+            columns = changed + offset
+            changed_rows = self._counts_g.index_select(0, columns)  # [changed, N], contiguous reads
+            block = max(1, _BLOCK_ELEMENTS // changed.numel())
+            for start in range(0, n, block):
+                stop = min(n, start + block)
+                values = self._eq6(changed_rows[:, start:stop].t(), self.beta[start:stop], columns)
+                best, arg = values.max(dim=1)
+                challenger = changed[arg]
+                mine = own_values[start:stop]
+                current = previous[start:stop]
+                wins = (best > mine) | ((best == mine) & (challenger < current))
+                owner[start:stop] = torch.where(wins, challenger, current)
+            rescan = in_changed[previous].nonzero().flatten()
+            if rescan.numel():
+                owner[rescan] = self._best_groups(level, rescan)
+        kept = torch.bincount(owner, minlength=size)
+        empty = kept == 0
+        owner_columns = (owner + offset)[:, None]
+        numerators = self.counts_t.gather(1, owner_columns).squeeze(1).double() + self.beta.double()
+        normaliser = torch.zeros(size, dtype=torch.float64, device=self.device)
+        normaliser.index_add_(0, owner, numerators)
+        values = (numerators / normaliser[owner]).to(psi_t.dtype)
+        block_view = psi_t[:, offset : offset + size]
+        if changed is None:
+            block_view.zero_()
+            refill = empty.nonzero().flatten()
+            self._owner.append(owner)
+            self._empty.append(empty)
+        else:
+            previous, was_empty = self._owner[level], self._empty[level]
+            filled = (was_empty & ~empty).nonzero().flatten()
+            if filled.numel():
+                block_view.index_fill_(1, filled, 0)
+            left = (owner != previous).nonzero().flatten()
+            if left.numel():
+                psi_t[left, previous[left] + offset] = 0
+            refill = (empty & (in_changed | ~was_empty)).nonzero().flatten()
+            self._owner[level] = owner
+            self._empty[level] = empty
+        if refill.numel():
+            _gibbs_ops.gibbs_refresh_psi(psi_t, self.counts_t, self.group_totals, self.beta, self.beta0,
+                                         refill + offset)
+        psi_t.scatter_(1, owner_columns, values[:, None])
+
+    # ----------------------------------------------------------------- state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to draw exactly what the uninterrupted
+        run would have drawn (CPU tensors)."""
+        return {
+            "version": _STATE_VERSION,
+            "seed": self.seed,
+            "step": self.step_count,
+            "level_sizes": list(self.level_sizes),
+            "num_classes": self.num_classes,
+            "beta": self.beta.cpu().clone(),
+            "beta0": self.beta0,
+            "prior": self.prior,
+            "non_overlapping": self.non_overlapping,
+            "train_targets": self.train_targets.cpu().clone(),
+            "labels": self._labels.cpu().clone(),
+            "counts_t": self.counts_t.cpu().clone(),
+            "group_totals": self.group_totals.cpu().clone(),
+            "psi_synced": self._psi_synced,
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (validated; the tensors keep this
+        adapter's device). If Ψ had been adapted, the loss's Ψ is rebuilt from
+        the restored counts, so it matches the saved run's Ψ."""
+        missing = {"version", "seed", "step", "level_sizes", "num_classes", "beta", "beta0",
+                   "non_overlapping", "train_targets", "labels", "counts_t", "group_totals",
+                   "psi_synced"} - set(state)
+        if missing:
+            raise KeyError(f"GibbsAdapter state is missing {sorted(missing)}")
+        if state["version"] != _STATE_VERSION:
+            raise ValueError(f"GibbsAdapter state version {state['version']} is not {_STATE_VERSION}")
+        if list(state["level_sizes"]) != self.level_sizes or int(state["num_classes"]) != self.num_classes:
+            raise ValueError(
+                f"state is for upper levels {list(state['level_sizes'])} over {state['num_classes']} classes, "
+                f"this adapter has {self.level_sizes} over {self.num_classes}"
+            )
+        targets = state["train_targets"]
+        if targets.shape != self.train_targets.shape or not torch.equal(targets.to(self.device), self.train_targets):
+            raise ValueError("state has different train_targets than this adapter")
+        labels = state["labels"]
+        if tuple(labels.shape) != tuple(self._labels.shape):
+            raise ValueError(f"state labels have shape {tuple(labels.shape)}, expected {tuple(self._labels.shape)}")
+        sizes = torch.tensor(self.level_sizes)
+        if bool((labels < 0).any()) or bool((labels >= sizes[None, :]).any()):
+            raise ValueError("state labels hold group ids outside their level")
+        beta = state["beta"]
+        if tuple(beta.shape) != (self.num_classes,) or bool((beta <= 0).any()):
+            raise ValueError("state beta must be a positive [N] tensor")
+        saved_labels = self._labels.clone()
+        self._labels.copy_(labels.to(self._labels))
+        self._recount()
+        counts_ok = torch.equal(self.counts_t.cpu(), state["counts_t"].to(torch.int32)) and torch.equal(
+            self.group_totals.cpu(), state["group_totals"].to(torch.int32))
+        if not counts_ok:
+            self._labels.copy_(saved_labels)
+            self._recount()
+            raise ValueError("state counts are not the histogram of its labels (Eq. 5): the state is corrupt")
+        self.beta.copy_(beta.to(self.beta))
+        self.beta0 = float(state["beta0"])
+        self.prior = state.get("prior", self.prior)
+        self.non_overlapping = bool(state["non_overlapping"])
+        self._counts_g = self.counts_t.t().contiguous() if self.non_overlapping else None
+        self.seed = int(state["seed"])
+        self.step_count = int(state["step"])
+        self._owner = self._empty = None
+        self._psi_synced = False
+        if state["psi_synced"]:
+            self.refresh_psi()
+
+    def extra_repr(self) -> str:
+        return (f"images={self.num_images}, level_sizes={self.level_sizes}, classes={self.num_classes}, "
+                f"beta0={self.beta0:g}, non_overlapping={self.non_overlapping}, step={self.step_count}")
+
+    def __repr__(self) -> str:
+        return f"GibbsAdapter({self.extra_repr()})"
