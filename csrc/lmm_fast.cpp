@@ -34,4 +34,48 @@ TORCH_LIBRARY(lmm_fast, m) {
       "lmm_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor psi_t, Tensor theta, Tensor lse, Tensor log_m, "
       "int[] level_sizes, int ignore_index) -> Tensor");
+  // Collapsed Gibbs draw of the group labels (paper Eq. 4) of a mini-batch at
+  // every upper level, each image conditioned on counts that exclude only
+  // itself. logits: packed [B, sum(level_sizes)] or the upper levels only;
+  // counts_t: class-major Omega [N, sum(upper sizes)] int32;
+  // group_totals: n_t [sum(upper sizes)] int32; old_labels and the result:
+  // [B, L-1] int64; randomness keyed by (seed, step, image_ids[b], level).
+  m.def(
+      "gibbs_sample(Tensor logits, Tensor target, Tensor old_labels, "
+      "Tensor counts_t, Tensor group_totals, Tensor beta, float beta0, "
+      "int[] level_sizes, int seed, int step, Tensor image_ids) -> Tensor");
+  // The exact sequential sampler: images one at a time in batch order, each
+  // seeing the counts its predecessors left; updates counts_t and group_totals.
+  m.def(
+      "gibbs_sample_exact(Tensor logits, Tensor target, Tensor old_labels, "
+      "Tensor(a!) counts_t, Tensor(b!) group_totals, Tensor beta, float beta0, "
+      "int[] level_sizes, int seed, int step, Tensor image_ids) -> Tensor");
+  // Eq. 6, psi_t[:, c] = (counts_t[:, c] + beta) / (group_totals[c] + beta0),
+  // rewritten in place for the listed columns c only.
+  m.def(
+      "gibbs_refresh_psi(Tensor(a!) psi_t, Tensor counts_t, Tensor group_totals, "
+      "Tensor beta, float beta0, Tensor columns) -> ()");
+  // Class probabilities sum_l theta_l softmax(a^l) Psi^l [B, N] for a tree
+  // Psi (at most one non-zero per column and level), given level-major as
+  // group_index [L-1, N] (int32 group of each class) and group_value [L-1, N]
+  // (Psi^l[group, class]); the upper levels are gathered, never expanded.
+  m.def(
+      "lmm_predict_proba_tree(Tensor logits, Tensor group_index, "
+      "Tensor group_value, Tensor theta, int[] level_sizes) -> Tensor");
+  // The same for any Psi, from the class-major psi_t [N, sum(upper sizes)]
+  // of the loss: one GEMM for all upper levels, bottom softmax added in place.
+  m.def(
+      "lmm_predict_proba_dense(Tensor logits, Tensor psi_t, Tensor theta, "
+      "int[] level_sizes) -> Tensor");
+  // The k most probable classes of every row under a tree Psi, best first:
+  // values [B, k] (probabilities, logits' dtype) and indices [B, k] (int64),
+  // by partial selection without forming the [B, N] probabilities.
+  m.def(
+      "lmm_topk_tree(Tensor logits, Tensor group_index, Tensor group_value, "
+      "Tensor theta, int[] level_sizes, int k) -> (Tensor values, Tensor indices)");
+  // Scores of a few rows of a linear layer per sample, for coarse-to-fine
+  // prediction: out[b, j] = x[b] . weight[rows[b, j]] + bias[rows[b, j]]
+  // ([B, C]; -inf where rows[b, j] == -1), reading the weight rows in place
+  // instead of gathering a [B, C, d] copy.
+  m.def("lmm_gather_scores(Tensor x, Tensor weight, Tensor? bias, Tensor rows) -> Tensor");
 }

@@ -11,11 +11,24 @@ import torch
 from lmm_fast import _ops
 from lmm_fast._ops import has_cuda_kernels
 from lmm_fast.loss import FusedLMMLoss, default_theta
+from lmm_fast.hierarchy import Hierarchy
+from lmm_fast.adaptation import GibbsAdapter
+from lmm_fast import train
+from lmm_fast import metrics, predict
+from lmm_fast.head import LMMHead
+from lmm_fast.predict import predict_topk
 
 __version__ = "0.1.0"
 
 __all__ = [
     "FusedLMMLoss",
+    "Hierarchy",
+    "GibbsAdapter",
+    "train",
+    "LMMHead",
+    "metrics",
+    "predict",
+    "predict_topk",
     "build_info",
     "default_theta",
     "has_cuda_kernels",

@@ -9,7 +9,6 @@ import torch
 from torch import Tensor, nn
 
 from lmm_fast import _ops
-from lmm_fast.reference import predict_proba_reference
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy

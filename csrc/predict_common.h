@@ -1,0 +1,136 @@
+// Host-side argument checks shared by the CPU and CUDA prediction kernels.
+//
+// The tree form of Psi: every column of every upper level's Psi has at most
+// one non-zero, so level l is given by group_index[l, y] (int32, the group of
+// class y) and group_value[l, y] (Psi^l[group, y]; 0 for a class in no group).
+// Both are level-major [L-1, N] so that the kernels stream each level's row.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/ArrayRef.h>
+#include <c10/util/Exception.h>
+
+#include <cstdint>
+#include <optional>
+
+#include "loss_common.h"
+
+namespace lmm_fast {
+
+inline LossGeometry check_predict_inputs(const at::Tensor& logits, const at::Tensor& theta,
+                                         c10::IntArrayRef level_sizes) {
+  TORCH_CHECK(logits.dim() == 2,
+      "lmm_fast: logits must be 2-D [batch, sum(level_sizes)], got ", logits.dim(),
+      "-D with shape ", logits.sizes());
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ||
+                  dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
+      "lmm_fast: logits must be float32, float64, float16 or bfloat16, got ", dtype);
+  const auto acc = accumulate_type(dtype);
+  TORCH_CHECK(theta.scalar_type() == acc,
+      "lmm_fast: theta must be ", acc, " for ", dtype, " logits, got ", theta.scalar_type());
+  TORCH_CHECK(theta.device() == logits.device(),
+      "lmm_fast: theta must be on the logits' device ", logits.device(), ", got ", theta.device());
+  TORCH_CHECK(!level_sizes.empty(), "lmm_fast: level_sizes must not be empty");
+  LossGeometry g;
+  g.batch = logits.size(0);
+  int64_t offset = 0;
+  for (size_t l = 0; l < level_sizes.size(); ++l) {
+    TORCH_CHECK(level_sizes[l] > 0,
+        "lmm_fast: level_sizes[", l, "] must be positive, got ", level_sizes[l]);
+    g.sizes.push_back(level_sizes[l]);
+    g.offsets.push_back(offset);
+    offset += level_sizes[l];
+  }
+  g.width = offset;
+  g.num_classes = level_sizes.back();
+  g.upper_width = offset - g.num_classes;
+  TORCH_CHECK(logits.size(1) == g.width,
+      "lmm_fast: logits has ", logits.size(1),
+      " columns but the levels need sum(level_sizes) = ", g.width);
+  // theta is shared by all rows ([L]) or given per row ([B, L], e.g. from a
+  // gating network), as in the loss.
+  TORCH_CHECK((theta.dim() == 1 && theta.size(0) == g.num_levels()) ||
+                  (theta.dim() == 2 && theta.size(0) == g.batch && theta.size(1) == g.num_levels()),
+      "lmm_fast: theta must have one weight per level, [", g.num_levels(), "] or per row [",
+      g.batch, ", ", g.num_levels(), "], got shape ", theta.sizes());
+  g.theta_row_stride = theta.dim() == 2 ? g.num_levels() : 0;
+  // Group ids travel as int32 (the kernels gather through them).
+  TORCH_CHECK(g.num_classes < (int64_t{1} << 31),
+      "lmm_fast: at most 2^31 - 1 classes are supported, got ", g.num_classes);
+  return g;
+}
+
+inline void check_tree_index(const at::Tensor& group_index, const at::Tensor& group_value,
+                             const LossGeometry& g, const at::Tensor& logits) {
+  const int64_t upper = g.num_levels() - 1;
+  TORCH_CHECK(group_index.scalar_type() == c10::ScalarType::Int,
+      "lmm_fast: group_index must be int32, got ", group_index.scalar_type());
+  TORCH_CHECK(group_index.dim() == 2 && group_index.size(0) == upper &&
+                  group_index.size(1) == g.num_classes,
+      "lmm_fast: group_index must be [upper levels, N] = [", upper, ", ", g.num_classes,
+      "], got ", group_index.sizes());
+  const auto acc = accumulate_type(logits.scalar_type());
+  TORCH_CHECK(group_value.scalar_type() == acc,
+      "lmm_fast: group_value must be ", acc, " for ", logits.scalar_type(), " logits, got ",
+      group_value.scalar_type());
+  TORCH_CHECK(group_value.sizes() == group_index.sizes(),
+      "lmm_fast: group_value must have group_index's shape ", group_index.sizes(), ", got ",
+      group_value.sizes());
+  for (const auto* t : {&group_index, &group_value}) {
+    TORCH_CHECK(t->device() == logits.device(),
+        "lmm_fast: group_index and group_value must be on the logits' device ",
+        logits.device(), ", got one on ", t->device());
+  }
+}
+
+inline void check_dense_psi(const at::Tensor& psi_t, const LossGeometry& g,
+                            const at::Tensor& logits) {
+  const auto acc = accumulate_type(logits.scalar_type());
+  TORCH_CHECK(psi_t.scalar_type() == acc,
+      "lmm_fast: psi_t must be ", acc, " for ", logits.scalar_type(), " logits, got ",
+      psi_t.scalar_type());
+  TORCH_CHECK(psi_t.dim() == 2 && psi_t.size(0) == g.num_classes &&
+                  psi_t.size(1) == g.upper_width,
+      "lmm_fast: psi_t must be [N, sum(upper level sizes)] = [", g.num_classes, ", ",
+      g.upper_width, "], got ", psi_t.sizes());
+  TORCH_CHECK(psi_t.device() == logits.device(),
+      "lmm_fast: psi_t must be on the logits' device ", logits.device(), ", got ",
+      psi_t.device());
+}
+
+inline void check_gather_scores_inputs(const at::Tensor& x, const at::Tensor& weight,
+                                       const std::optional<at::Tensor>& bias, const at::Tensor& rows) {
+  TORCH_CHECK(x.dim() == 2, "lmm_fast: x must be 2-D [B, d], got shape ", x.sizes());
+  const auto dtype = x.scalar_type();
+  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ||
+                  dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
+      "lmm_fast: x must be float32, float64, float16 or bfloat16, got ", dtype);
+  TORCH_CHECK(weight.dim() == 2 && weight.size(1) == x.size(1),
+      "lmm_fast: weight must be [rows, d] = [*, ", x.size(1), "], got shape ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == dtype,
+      "lmm_fast: weight must have x's dtype ", dtype, ", got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == x.device(),
+      "lmm_fast: weight must be on x's device ", x.device(), ", got ", weight.device());
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0),
+        "lmm_fast: bias must be [rows] = [", weight.size(0), "], got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == dtype,
+        "lmm_fast: bias must have x's dtype ", dtype, ", got ", bias->scalar_type());
+    TORCH_CHECK(bias->device() == x.device(),
+        "lmm_fast: bias must be on x's device ", x.device(), ", got ", bias->device());
+  }
+  TORCH_CHECK(rows.scalar_type() == c10::ScalarType::Long,
+      "lmm_fast: rows must be int64, got ", rows.scalar_type());
+  TORCH_CHECK(rows.dim() == 2 && rows.size(0) == x.size(0),
+      "lmm_fast: rows must be [B, C] with B = ", x.size(0), ", got shape ", rows.sizes());
+  TORCH_CHECK(rows.device() == x.device(),
+      "lmm_fast: rows must be on x's device ", x.device(), ", got ", rows.device());
+}
+
+inline void check_k(int64_t k, const LossGeometry& g) {
+  TORCH_CHECK(k >= 0 && k <= g.num_classes,
+      "lmm_fast: k must be in [0, N] = [0, ", g.num_classes, "], got ", k);
+}
+
+}  // namespace lmm_fast
