@@ -24,16 +24,20 @@ TORCH_LIBRARY(lmm_fast, m) {
   // loss [B] and the per-row, per-level statistics the backward needs:
   // lse [B, L] (log-sum-exp of each level's logits) and log_m [B, L]
   // (log of each level's vote for the target class).
+  // psi_scale, when given: [sum(upper level sizes)] per-group factors, the
+  // effective Psi^l[t, y] being psi_t[y, t] * psi_scale[t] (lets the Gibbs
+  // adaptation keep unnormalised counts in psi_t and renormalise a group by
+  // writing one number).
   m.def(
       "lmm_loss_forward(Tensor logits, Tensor target, Tensor psi_t, "
-      "Tensor theta, int[] level_sizes, int ignore_index) "
+      "Tensor theta, int[] level_sizes, int ignore_index, Tensor? psi_scale=None) "
       "-> (Tensor loss, Tensor lse, Tensor log_m)");
   // Gradient of sum(grad_loss * loss) with respect to the logits, written in
   // one read of the logits from the statistics the forward saved.
   m.def(
       "lmm_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor psi_t, Tensor theta, Tensor lse, Tensor log_m, "
-      "int[] level_sizes, int ignore_index) -> Tensor");
+      "int[] level_sizes, int ignore_index, Tensor? psi_scale=None) -> Tensor");
   // Collapsed Gibbs draw of the group labels (paper Eq. 4) of a mini-batch at
   // every upper level, each image conditioned on counts that exclude only
   // itself. logits: packed [B, sum(level_sizes)] or the upper levels only;

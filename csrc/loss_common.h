@@ -6,6 +6,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace lmm_fast {
@@ -92,6 +93,23 @@ inline LossGeometry check_loss_inputs(
       "] or per row [", g.batch, ", ", g.num_levels(), "], got shape ", theta.sizes());
   g.theta_row_stride = theta.dim() == 2 ? g.num_levels() : 0;
   return g;
+}
+
+// Validates the optional per-group Psi factors; returns a contiguous tensor
+// (undefined when absent).
+inline at::Tensor check_psi_scale(const std::optional<at::Tensor>& psi_scale,
+                                  const LossGeometry& g, const at::Tensor& logits) {
+  if (!psi_scale.has_value() || !psi_scale->defined()) return at::Tensor();
+  const at::Tensor& s = *psi_scale;
+  TORCH_CHECK(s.dim() == 1 && s.size(0) == g.upper_width,
+      "lmm_fast: psi_scale must be [sum(upper level sizes)] = [", g.upper_width,
+      "], got shape ", s.sizes());
+  TORCH_CHECK(s.scalar_type() == accumulate_type(logits.scalar_type()),
+      "lmm_fast: psi_scale must be ", accumulate_type(logits.scalar_type()), ", got ",
+      s.scalar_type());
+  TORCH_CHECK(s.device() == logits.device(),
+      "lmm_fast: psi_scale must be on ", logits.device(), ", got ", s.device());
+  return s.contiguous();
 }
 
 inline void check_stats(const at::Tensor& stats, const char* name,

@@ -35,6 +35,7 @@ def lmm_loss_forward(
     theta: Tensor,
     level_sizes: Sequence[int],
     ignore_index: int = -100,
+    psi_scale: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Fused LMM loss, one row at a time.
 
@@ -47,6 +48,8 @@ def lmm_loss_forward(
         theta: ``[L]`` level weights on the simplex, or ``[B, L]``: one θ per
             row (e.g. from a gating network).
         level_sizes: ``[N_1, …, N_{L-1}, N]``.
+        psi_scale: optional ``[Σ_{upper} N_l]`` per-group factors: the
+            effective ``Ψ^l[t, y]`` is ``psi_t[y, t] · psi_scale[t]``.
 
     Returns:
         ``(loss [B], lse [B, L], log_m [B, L])``: the per-row loss ``−log z_y``
@@ -54,7 +57,7 @@ def lmm_loss_forward(
         level's vote ``m^l_y``. Differentiable in ``logits`` and ``theta``.
     """
     return torch.ops.lmm_fast.lmm_loss_forward.default(
-        logits, target, psi_t, theta, list(level_sizes), ignore_index
+        logits, target, psi_t, theta, list(level_sizes), ignore_index, psi_scale
     )
 
 
@@ -68,15 +71,16 @@ def lmm_loss_backward(
     log_m: Tensor,
     level_sizes: Sequence[int],
     ignore_index: int = -100,
+    psi_scale: Tensor | None = None,
 ) -> Tensor:
     """Gradient ``[B, ΣN_l]`` of ``Σ_b grad_loss[b] · loss[b]`` with respect to the logits."""
     return torch.ops.lmm_fast.lmm_loss_backward.default(
-        grad_loss, logits, target, psi_t, theta, lse, log_m, list(level_sizes), ignore_index
+        grad_loss, logits, target, psi_t, theta, lse, log_m, list(level_sizes), ignore_index, psi_scale
     )
 
 
 @torch.library.register_fake("lmm_fast::lmm_loss_forward")
-def _lmm_loss_forward_fake(logits, target, psi_t, theta, level_sizes, ignore_index):
+def _lmm_loss_forward_fake(logits, target, psi_t, theta, level_sizes, ignore_index, psi_scale=None):
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
     batch = logits.shape[0]
@@ -90,28 +94,30 @@ def _lmm_loss_forward_fake(logits, target, psi_t, theta, level_sizes, ignore_ind
 
 
 @torch.library.register_fake("lmm_fast::lmm_loss_backward")
-def _lmm_loss_backward_fake(grad_loss, logits, target, psi_t, theta, lse, log_m, level_sizes, ignore_index):
+def _lmm_loss_backward_fake(
+    grad_loss, logits, target, psi_t, theta, lse, log_m, level_sizes, ignore_index, psi_scale=None
+):
     return torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, psi_t, theta, level_sizes, ignore_index = inputs
+    logits, target, psi_t, theta, level_sizes, ignore_index, psi_scale = inputs
     _, lse, log_m = output
-    ctx.save_for_backward(logits, target, psi_t, theta, lse, log_m)
+    ctx.save_for_backward(logits, target, psi_t, theta, lse, log_m, psi_scale)
     ctx.level_sizes = list(level_sizes)
     ctx.ignore_index = ignore_index
     ctx.mark_non_differentiable(lse, log_m)
 
 
 def _backward(ctx, grad_loss, grad_lse, grad_log_m):
-    logits, target, psi_t, theta, lse, log_m = ctx.saved_tensors
+    logits, target, psi_t, theta, lse, log_m, psi_scale = ctx.saved_tensors
     grad_logits = grad_theta = None
     if grad_loss is None:
-        return None, None, None, None, None, None
+        return None, None, None, None, None, None, None
     grad_loss = grad_loss.contiguous()
     if ctx.needs_input_grad[0]:
         grad_logits = lmm_loss_backward(
-            grad_loss, logits, target, psi_t, theta, lse, log_m, ctx.level_sizes, ctx.ignore_index
+            grad_loss, logits, target, psi_t, theta, lse, log_m, ctx.level_sizes, ctx.ignore_index, psi_scale
         )
     if ctx.needs_input_grad[3]:
         # ∂loss/∂θ_l = −m^l_y / z_y, O(B·L): plain torch is fine here.
@@ -120,7 +126,7 @@ def _backward(ctx, grad_loss, grad_lse, grad_log_m):
         per_row = -torch.exp(log_m - log_z) * grad_loss.to(log_m.dtype).unsqueeze(1)
         per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
         grad_theta = (per_row if theta.dim() == 2 else per_row.sum(0)).to(theta.dtype)
-    return grad_logits, None, None, grad_theta, None, None
+    return grad_logits, None, None, grad_theta, None, None, None
 
 
 torch.library.register_autograd(

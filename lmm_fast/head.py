@@ -190,10 +190,10 @@ class LMMHead(nn.Module):
                 raise ValueError(
                     f"the features are on {device} but loss_fn's Ψ is on {loss_fn.psi_t.device}; move it with .to()"
                 )
-            tree = tree_index(loss_fn.psi_t, loss_fn.level_sizes)
+            tree = tree_index(loss_fn.effective_psi_t(), loss_fn.level_sizes)
             if tree is not None:
                 return "tree", tree, loss_fn.theta
-            return "dense", loss_fn.psi_t, loss_fn.theta
+            return "dense", loss_fn.effective_psi_t(), loss_fn.theta
         key = str(device)
         if key not in self._defaults:
             theta = default_theta(self.num_levels).to(device=device, dtype=torch.float32)

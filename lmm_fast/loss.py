@@ -113,9 +113,11 @@ class FusedLMMLoss(nn.Module):
         list of ``[B, N_l]``; target: ``[B]`` integer classes; output: scalar,
         or ``[B]`` for ``reduction="none"``.
 
-    Ψ is held once, class-major, in the buffer ``psi_t`` ``[N, ΣN_upper]``
-    (the loss reads one column of every Ψ^l per row); :attr:`psi` returns
-    ``[N_l, N]`` views of it, so writing into them updates the loss.
+    Ψ is held class-major in the buffer ``psi_t`` ``[N, ΣN_upper]`` (the loss
+    reads one column of every Ψ^l per row), times per-group factors in the
+    buffer ``psi_scale`` ``[ΣN_upper]`` (all one unless the Gibbs adaptation
+    keeps unnormalised counts there); :attr:`psi` returns the effective
+    ``[N_l, N]`` matrices.
     """
 
     psi_t: Tensor
@@ -150,6 +152,13 @@ class FusedLMMLoss(nn.Module):
         else:
             psi_t = torch.zeros(self.num_classes, 0)
         self.register_buffer("psi_t", psi_t)
+        # Per-group factors of Ψ: the effective Ψ^l[t, y] is
+        # psi_t[y, off_l + t] * psi_scale[off_l + t]. All ones unless the
+        # Gibbs adaptation keeps unnormalised counts in psi_t, so that a
+        # group whose size changed is renormalised by writing one number.
+        self.register_buffer("psi_scale", torch.ones(psi_t.shape[1]))
+        self._effective_key = None
+        self._effective = None
         theta = default_theta(self.num_levels) if theta is None else theta
         theta = check_theta(theta, self.num_levels).to(torch.float32)
         if self.learn_theta:
@@ -168,12 +177,29 @@ class FusedLMMLoss(nn.Module):
 
     @property
     def psi(self) -> list[Tensor]:
-        """Current Ψ per upper level: ``[N_l, N]`` views of ``psi_t``."""
+        """Current Ψ per upper level, ``[N_l, N]`` each (read-only: replace Ψ
+        with :meth:`set_psi`)."""
+        effective = self.effective_psi_t()
         views, offset = [], 0
         for size in self.upper_sizes:
-            views.append(self.psi_t[:, offset : offset + size].t())
+            views.append(effective[:, offset : offset + size].t())
             offset += size
         return views
+
+    def effective_psi_t(self) -> Tensor:
+        """Class-major Ψ ``[N, ΣN_upper]`` with the per-group factors
+        ``psi_scale`` applied: ``psi_t`` itself while they are all one, else a
+        product cached until either buffer changes."""
+        key = (
+            self.psi_t._version, self.psi_scale._version, self.psi_t.data_ptr(),
+            self.psi_scale.data_ptr(), self.psi_t.device, self.psi_t.dtype,
+        )
+        if key != self._effective_key:
+            with torch.no_grad():
+                unit = bool((self.psi_scale == 1).all())
+                self._effective = self.psi_t if unit else self.psi_t * self.psi_scale
+            self._effective_key = key
+        return self._effective
 
     @property
     def theta(self) -> Tensor:
@@ -190,8 +216,11 @@ class FusedLMMLoss(nn.Module):
             raise ValueError(
                 f"psi must keep the level sizes {self.upper_sizes}, got {[p.shape[0] for p in psi]}"
             )
-        for view, p in zip(self.psi, psi):
-            view.copy_(p)
+        offset = 0
+        for p in psi:
+            self.psi_t[:, offset : offset + p.shape[0]].copy_(p.t())
+            offset += p.shape[0]
+        self.psi_scale.fill_(1.0)
 
     @torch.no_grad()
     def set_theta(self, theta: Tensor | Sequence[float]) -> None:
@@ -263,6 +292,9 @@ class FusedLMMLoss(nn.Module):
         acc = _ops.accumulate_dtype(logits.dtype)
         return self.psi_t.to(acc), self.theta.to(acc)
 
+    def _psi_scale(self, logits: Tensor) -> Tensor:
+        return self.psi_scale.to(_ops.accumulate_dtype(logits.dtype))
+
     def _target(self, target: Tensor, batch: int) -> Tensor:
         if not isinstance(target, Tensor):
             raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
@@ -290,7 +322,9 @@ class FusedLMMLoss(nn.Module):
             theta = module_theta
         else:
             theta = self._row_theta(theta, logits.shape[0]).to(device=logits.device, dtype=module_theta.dtype)
-        loss, _, _ = _ops.lmm_loss_forward(logits, target, psi_t, theta, self.level_sizes, self.ignore_index)
+        loss, _, _ = _ops.lmm_loss_forward(
+            logits, target, psi_t, theta, self.level_sizes, self.ignore_index, self._psi_scale(logits)
+        )
         if self.reduction == "none":
             return loss
         if self.reduction == "sum":
@@ -306,7 +340,7 @@ class FusedLMMLoss(nn.Module):
         # oracle of the tests.
         from lmm_fast.predict import mixture_proba
 
-        return mixture_proba(self.pack(logits), self.psi_t, self.theta, self.level_sizes)
+        return mixture_proba(self.pack(logits), self.effective_psi_t(), self.theta, self.level_sizes)
 
     def extra_repr(self) -> str:
         return (

@@ -409,10 +409,10 @@ def predict_topk(
         raise ValueError(f"k must be an int in [0, N] = [0, {n}], got {k!r}")
     acc = _check_logits(logits, loss_fn.psi_t)
     theta = (loss_fn.theta if theta is None else theta).to(device=logits.device, dtype=acc)
-    tree = tree_index(loss_fn.psi_t, loss_fn.level_sizes)
+    tree = tree_index(loss_fn.effective_psi_t(), loss_fn.level_sizes)
     if tree is not None:
         return lmm_topk_tree(logits, tree.index, tree.value_as(acc), theta, loss_fn.level_sizes, k)
-    proba = lmm_predict_proba_dense(logits, loss_fn.psi_t.to(acc), theta, loss_fn.level_sizes)
+    proba = lmm_predict_proba_dense(logits, loss_fn.effective_psi_t().to(acc), theta, loss_fn.level_sizes)
     return torch.topk(proba, k, dim=1)
 
 

@@ -253,17 +253,17 @@ def test_module_state_follows_to_and_state_dict():
     assert [tuple(p.shape) for p in loss_fn.psi] == [(3, 20), (8, 20)]
     torch.testing.assert_close(loss_fn.psi[1], psi[1])
     names = dict(loss_fn.named_buffers())
-    assert set(names) == {"psi_t", "theta_fixed"}
+    assert set(names) == {"psi_t", "psi_scale", "theta_fixed"}
     double = make_loss(psi, [0.2, 0.3, 0.5], 20).to(torch.float64)
     assert double.psi_t.dtype == torch.float64
     other = make_loss(dense_psi([3, 8, 20], torch.Generator().manual_seed(13)), [0.1, 0.1, 0.8], 20)
     other.load_state_dict(loss_fn.state_dict())
     torch.testing.assert_close(other.psi[0], psi[0])
     torch.testing.assert_close(other.theta, loss_fn.theta)
-    # Writing into the Ψ views updates the loss (what the adaptation relies on).
     new = dense_psi([3, 8, 20], torch.Generator().manual_seed(14))
     other.set_psi(new)
     torch.testing.assert_close(other.psi_t[:, :3].t(), new[0])
+    torch.testing.assert_close(other.psi[1], new[1])
 
 
 def test_from_hierarchy_uses_the_tree():
@@ -487,3 +487,34 @@ def test_gradcheck_per_row_theta():
         lambda x, th: _ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0], (logits, theta)
     )
     torch.library.opcheck(torch.ops.lmm_fast.lmm_loss_forward.default, (logits, target, psi_t, theta, sizes, -100))
+
+
+@pytest.mark.parametrize("device", lmm_fast.testing.devices())
+def test_psi_scale_factors_match_the_normalised_psi(device):
+    """psi_t holding unnormalised counts and psi_scale the per-group 1/total
+    gives the loss, gradients and predictions of the normalised Ψ."""
+    gen = torch.Generator().manual_seed(21)
+    sizes = [3, 7, 40]
+    logits, target, psi = random_problem(17, sizes, dense=True, generator=gen)
+    counts = [torch.randint(0, 9, (s, 40), generator=gen).float() + 0.5 for s in sizes[:-1]]
+    normalised = [c / c.sum(1, keepdim=True) for c in counts]
+    theta = [0.2, 0.3, 0.5]
+    plain = make_loss(normalised, theta, 40, reduction="none").to(device)
+    scaled = make_loss(normalised, theta, 40, reduction="none").to(device)
+    with torch.no_grad():
+        scaled.psi_t.copy_(torch.cat([c.t() for c in counts], 1))
+        scaled.psi_scale.copy_(torch.cat([1 / c.sum(1) for c in counts]))
+    x = logits.detach().to(device).requires_grad_()
+    y = target.to(device)
+    a, b = plain(x, y), scaled(x, y)
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(torch.autograd.grad(b.sum(), x)[0], torch.autograd.grad(a.sum(), x)[0])
+    torch.testing.assert_close(scaled.predict_proba(x.detach()), plain.predict_proba(x.detach()))
+    for got, want in zip(scaled.psi, normalised):
+        torch.testing.assert_close(got.cpu(), want)
+    psi_t = scaled.psi_t
+    torch.library.opcheck(
+        torch.ops.lmm_fast.lmm_loss_forward.default, (x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale)
+    )
+    with pytest.raises(RuntimeError, match=r"psi_scale must be \[sum\(upper level sizes\)\] = \[10\]"):
+        _ops.lmm_loss_forward(x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale[:5])

@@ -167,17 +167,24 @@ LMM_FAST_INLINE void scaled_exp<float, float>(const float* x, int64_t n, float s
 
 // log(sum_t exp(x_t) * p_t) over the t with p_t > 0, stable for any logits;
 // -inf when the class has no weight in this level.
+// Psi weight of group t: psi_t's entry times the group's factor, if any.
+template <typename A>
+LMM_FAST_INLINE A psi_weight(const A* p, const A* scale, int64_t t) {
+  return scale == nullptr ? p[t] : p[t] * scale[t];
+}
+
 template <typename T, typename A>
-LMM_FAST_INLINE A weighted_log_sum_exp(const T* x, const A* p, int64_t n) {
+LMM_FAST_INLINE A weighted_log_sum_exp(const T* x, const A* p, const A* scale, int64_t n) {
   A m = -std::numeric_limits<A>::infinity();
   for (int64_t t = 0; t < n; ++t) {
     A v = static_cast<A>(x[t]);
-    m = (p[t] > A(0) && v > m) ? v : m;
+    m = (psi_weight(p, scale, t) > A(0) && v > m) ? v : m;
   }
   if (m == -std::numeric_limits<A>::infinity()) return m;
   A w = 0;
   for (int64_t t = 0; t < n; ++t) {
-    if (p[t] > A(0)) w += p[t] * exp_approx(static_cast<A>(x[t]) - m);
+    const A weight = psi_weight(p, scale, t);
+    if (weight > A(0)) w += weight * exp_approx(static_cast<A>(x[t]) - m);
   }
   return m + std::log(w);
 }
@@ -197,6 +204,7 @@ struct LossArgs {
   int64_t row_stride;
   const int64_t* target;
   const A* psi_t;
+  const A* psi_scale;  // nullptr: psi_t holds Psi itself
   const A* log_theta;
   const LossGeometry* geo;
   int64_t ignore_index;
@@ -228,7 +236,8 @@ LMM_FAST_INLINE void forward_row(const LossArgs<T, A>& a, int64_t b, T* loss, A*
     if (l == L - 1) {
       vote = static_cast<A>(x[y]) - level_lse;
     } else {
-      vote = weighted_log_sum_exp<T, A>(x, column + g.offsets[l], n) - level_lse;
+      const A* scale = a.psi_scale == nullptr ? nullptr : a.psi_scale + g.offsets[l];
+      vote = weighted_log_sum_exp<T, A>(x, column + g.offsets[l], scale, n) - level_lse;
     }
     lse[b * L + l] = level_lse;
     log_m[b * L + l] = vote;
@@ -269,11 +278,13 @@ LMM_FAST_INLINE void backward_row(const LossArgs<T, A>& a, int64_t b, const T* g
       // d/da_t = r z_t - theta_l z_t Psi[t, y] / z_y; the second term is
       // formed in log space so that it stays finite for extreme logits.
       const A* p = column + g.offsets[l];
+      const A* scale = a.psi_scale == nullptr ? nullptr : a.psi_scale + g.offsets[l];
       const A shift = log_theta[l] - log_z;
       for (int64_t t = 0; t < n; ++t) {
         const A v = static_cast<A>(x[t]) - level_lse;
         A val = r * exp_approx(v);
-        if (p[t] > A(0)) val -= p[t] * exp_approx(v + shift);
+        const A weight = psi_weight(p, scale, t);
+        if (weight > A(0)) val -= weight * exp_approx(v + shift);
         gx[t] = static_cast<T>(go * val);
       }
     }
@@ -322,8 +333,10 @@ int64_t grain_rows(int64_t width) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cpu(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
-    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index,
+    const std::optional<at::Tensor>& psi_scale_in) {
   const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();
@@ -338,6 +351,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cpu(
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     LossArgs<scalar_t, A> args{logits.data_ptr<scalar_t>(), logits.stride(0),
                                target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
+                               psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr,
                                log_theta.data_ptr<A>(), &g, ignore_index};
     scalar_t* loss_p = loss.data_ptr<scalar_t>();
     A* lse_p = lse.data_ptr<A>();
@@ -352,8 +366,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cpu(
 at::Tensor lmm_loss_backward_cpu(
     const at::Tensor& grad_loss_in, const at::Tensor& logits_in, const at::Tensor& target_in,
     const at::Tensor& psi_t_in, const at::Tensor& theta, const at::Tensor& lse_in,
-    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
+    const std::optional<at::Tensor>& psi_scale_in) {
   const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
   check_stats(lse_in, "lse", g, logits_in);
   check_stats(log_m_in, "log_m", g, logits_in);
   TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
@@ -375,6 +391,7 @@ at::Tensor lmm_loss_backward_cpu(
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     LossArgs<scalar_t, A> args{logits.data_ptr<scalar_t>(), logits.stride(0),
                                target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
+                               psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr,
                                log_theta.data_ptr<A>(), &g, ignore_index};
     const scalar_t* go = grad_loss.data_ptr<scalar_t>();
     const A* lse_p = lse.data_ptr<A>();

@@ -119,8 +119,8 @@ __device__ __forceinline__ A log_add(A a, A b) {
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
-    const A* __restrict__ psi_t, const A* __restrict__ log_theta, LevelInfo<A> info,
-    int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
+    const A* __restrict__ psi_t, const A* __restrict__ psi_scale,
+    const A* __restrict__ log_theta, LevelInfo<A> info, int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
   const int64_t b = blockIdx.x;
   const int L = info.num_levels;
   const int64_t y = target[b];
@@ -162,6 +162,7 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
       vote = static_cast<A>(x[y]) - level_lse;
     } else {
       const A* p = column + info.offsets[l];
+      const A* scale = psi_scale == nullptr ? nullptr : psi_scale + info.offsets[l];
       A m[2] = {neg_inf<A>(), neg_inf<A>()};
       A s[2] = {A(0), A(0)};
       for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t t = base + u * kThreads;
           v[u] = t < n ? static_cast<A>(x[t]) : neg_inf<A>();
-          w[u] = t < n ? p[t] : A(0);
+          w[u] = t < n ? (scale == nullptr ? p[t] : p[t] * scale[t]) : A(0);
         }
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -195,7 +196,8 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
     const T* __restrict__ grad_loss, const T* __restrict__ logits, int64_t row_stride,
     const int64_t* __restrict__ target, const A* __restrict__ psi_t,
-    const A* __restrict__ log_theta, LevelInfo<A> info, const A* __restrict__ lse,
+    const A* __restrict__ psi_scale, const A* __restrict__ log_theta, LevelInfo<A> info,
+    const A* __restrict__ lse,
     const A* __restrict__ log_m, int64_t ignore_index,
     T* __restrict__ grad) {
   const int64_t b = blockIdx.x;
@@ -239,11 +241,12 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
       }
     } else {
       const A* p = column + info.offsets[l];
+      const A* scale = psi_scale == nullptr ? nullptr : psi_scale + info.offsets[l];
       const A shift = log_theta[l] - log_z;
       for (int64_t t = threadIdx.x; t < n; t += kThreads) {
         const A v = static_cast<A>(x[t]) - level_lse;
         A val = r * fast_exp(v);
-        const A w = p[t];
+        const A w = scale == nullptr ? p[t] : p[t] * scale[t];
         if (w > A(0)) val -= w * fast_exp(v + shift);
         gx[t] = static_cast<T>(go * val);
       }
@@ -270,8 +273,10 @@ LevelInfo<A> make_level_info(const LossGeometry& g) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
-    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index,
+    const std::optional<at::Tensor>& psi_scale_in) {
   const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
@@ -288,7 +293,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
     const LevelInfo<A> info = make_level_info<A>(g);
     lmm_loss_forward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
-        psi_t.data_ptr<A>(), log_theta.data_ptr<A>(), info, ignore_index, loss.data_ptr<scalar_t>(),
+        psi_t.data_ptr<A>(), psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr,
+        log_theta.data_ptr<A>(), info, ignore_index, loss.data_ptr<scalar_t>(),
         lse.data_ptr<A>(), log_m.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -298,8 +304,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
 at::Tensor lmm_loss_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& logits_in, const at::Tensor& target_in,
     const at::Tensor& psi_t_in, const at::Tensor& theta, const at::Tensor& lse_in,
-    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index) {
+    const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
+    const std::optional<at::Tensor>& psi_scale_in) {
   const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
   check_stats(lse_in, "lse", g, logits_in);
   check_stats(log_m_in, "log_m", g, logits_in);
   TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
@@ -325,7 +333,9 @@ at::Tensor lmm_loss_backward_cuda(
     const LevelInfo<A> info = make_level_info<A>(g);
     lmm_loss_backward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
         grad_loss.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), logits.stride(0),
-        target.data_ptr<int64_t>(), psi_t.data_ptr<A>(), log_theta.data_ptr<A>(), info, lse.data_ptr<A>(),
+        target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
+        psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr, log_theta.data_ptr<A>(), info,
+        lse.data_ptr<A>(),
         log_m.data_ptr<A>(), ignore_index, grad.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
