@@ -518,3 +518,28 @@ def test_psi_scale_factors_match_the_normalised_psi(device):
     )
     with pytest.raises(RuntimeError, match=r"psi_scale must be \[sum\(upper level sizes\)\] = \[10\]"):
         _ops.lmm_loss_forward(x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale[:5])
+
+
+def test_reused_gradient_storage_is_never_shared():
+    """The CPU backward recycles the storage of a consumed gradient; one that
+    is still referenced must never be written again."""
+    gen = torch.Generator().manual_seed(22)
+    sizes = [4, 16, 9000]  # > 4 MB of gradient: the recycled path
+    loss_fn = make_loss(tree_psi(sizes, gen), [0.1, 0.1, 0.8], 9000)
+    grads, copies = [], []
+    for _ in range(3):
+        logits, target, _ = random_problem(128, sizes, generator=gen)
+        loss_fn(logits, target).backward()
+        grads.append(logits.grad)
+        copies.append(logits.grad.clone())
+    assert len({g.data_ptr() for g in grads}) == 3
+    for g, c in zip(grads, copies):
+        torch.testing.assert_close(g, c, rtol=0, atol=0)
+    del grads, copies, g, c
+    # Once released, later gradients are still right.
+    for _ in range(2):
+        logits, target, _ = random_problem(128, sizes, generator=gen)
+        loss_fn(logits, target).backward()
+        ref_logits = logits.detach().double().requires_grad_()
+        lmm_loss_reference(ref_logits, target, [p.double() for p in loss_fn.psi], loss_fn.theta.double(), reduction="mean").backward()
+        torch.testing.assert_close(logits.grad.double(), ref_logits.grad, rtol=1e-4, atol=1e-8)

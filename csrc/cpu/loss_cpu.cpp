@@ -11,8 +11,11 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <mutex>
+#include <string>
 
 #include "loss_common.h"
 
@@ -327,6 +330,46 @@ void check_targets_cpu(const at::Tensor& target, int64_t num_classes, int64_t ig
   }
 }
 
+// The gradient of the logits is as large as the logits (165 MB for 4096 x
+// 10110 floats). A fresh CPU allocation of that size is served by mmap, and
+// first-touching its pages costs more than computing the gradient. So the
+// storage of the last gradient is kept and handed out again once nothing
+// else references it (the previous step's gradient has been consumed and
+// freed), the way the CUDA caching allocator reuses device blocks. Set
+// LMM_FAST_CPU_GRAD_CACHE=0 to allocate afresh every call.
+class GradientStorageCache {
+ public:
+  at::Tensor get(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+    const size_t bytes = static_cast<size_t>(rows) * cols * options.dtype().itemsize();
+    if (!enabled() || bytes < kMinBytes) return at::empty({rows, cols}, options);
+    std::lock_guard<std::mutex> lock(mutex_);
+    // holder_ owns the storage; every tensor handed out adds a reference.
+    if (!holder_.defined() || holder_.storage().use_count() != 1 ||
+        holder_.storage().nbytes() != bytes || holder_.dtype() != options.dtype()) {
+      holder_ = at::Tensor();
+      holder_ = at::empty({rows, cols}, options);
+    }
+    return at::empty({0}, options).set_(holder_.storage(), 0, {rows, cols}, {cols, 1});
+  }
+
+ private:
+  static bool enabled() {
+    static const bool on = [] {
+      const char* value = std::getenv("LMM_FAST_CPU_GRAD_CACHE");
+      return value == nullptr || std::string(value) != "0";
+    }();
+    return on;
+  }
+  static constexpr size_t kMinBytes = size_t(1) << 22;  // small buffers come from malloc's free lists
+  std::mutex mutex_;
+  at::Tensor holder_;
+};
+
+GradientStorageCache& gradient_cache() {
+  static GradientStorageCache cache;
+  return cache;
+}
+
 int64_t grain_rows(int64_t width) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1));
 }
@@ -384,7 +427,7 @@ at::Tensor lmm_loss_backward_cpu(
   const at::Tensor lse = lse_in.contiguous();
   const at::Tensor log_m = log_m_in.contiguous();
   check_targets_cpu(target, g.num_classes, ignore_index);
-  at::Tensor grad = at::empty({g.batch, g.width}, logits.options());
+  at::Tensor grad = gradient_cache().get(g.batch, g.width, logits.options());
   if (g.batch == 0) return grad;
   const at::Tensor log_theta = theta.log().contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_backward_cpu", [&] {
