@@ -9,8 +9,9 @@
   the same batch, B = 256, levels (10, 100, 1000, N = 10 000). Target: <= 25 %.
   Two kinds of logits: ``trained`` (each image's class group leads by 8 at
   every level, as after warm-up: few images change group) and ``random``
-  (3·randn: about 95 % of the images move, every touched group's Ψ row is
-  rewritten: the worst case).
+  (3·randn: most labels move; the worst case, above all for the
+  non-overlapping constraint, whose owner bookkeeping grows with the number
+  of changed groups).
 * **bandwidth** (CUDA only): the sampler's effective read bandwidth of logits
   and counts against the copy bandwidth torch measures on the same device.
   Target: >= 50 %.

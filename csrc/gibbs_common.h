@@ -77,6 +77,26 @@ LMM_FAST_HOST_DEVICE double dmul_rn(double a, double b) {
   return a * b;
 #endif
 }
+LMM_FAST_HOST_DEVICE double ddiv_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// Eq. 6 in the factored form the loss reads, Psi[t, y] = psi_t[y, t] *
+// psi_scale[t]: the numerator Omega[t, y] + beta_y and the group factor
+// 1 / (n_t + beta0), each formed in float64 from the integer counts (never
+// accumulated, so every entry is a pure function of the current counts and
+// incremental updates equal a rebuild bit for bit) and rounded once to Psi's
+// dtype by the caller.
+LMM_FAST_HOST_DEVICE double psi_numerator(int32_t count, float beta) {
+  return dadd_rn(static_cast<double>(count), static_cast<double>(beta));
+}
+LMM_FAST_HOST_DEVICE double psi_group_scale(int32_t total, double beta0) {
+  return ddiv_rn(1.0, dadd_rn(static_cast<double>(total), beta0));
+}
 
 LMM_FAST_HOST_DEVICE int64_t double_to_bits(double d) {
 #if defined(__CUDA_ARCH__)
@@ -310,15 +330,22 @@ inline Geometry check_sample_inputs(const at::Tensor& logits, const at::Tensor& 
   return g;
 }
 
-// Eq. 6 on a list of columns of the class-major psi_t.
-inline void check_refresh_inputs(const at::Tensor& psi_t, const at::Tensor& counts_t,
-                                 const at::Tensor& group_totals, const at::Tensor& beta,
-                                 double beta0, const at::Tensor& columns) {
+// Eq. 6 in factored form on the class-major psi_t: psi_t holds the
+// unnormalised Omega + beta, psi_scale the per-group 1 / (n_t + beta0).
+inline void check_refresh_inputs(const at::Tensor& psi_t, const at::Tensor& psi_scale,
+                                 const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                 const at::Tensor& beta, double beta0) {
   TORCH_CHECK(psi_t.dim() == 2, "lmm_fast: psi_t must be 2-D [N, sum(upper level sizes)], got "
               "shape ", psi_t.sizes());
   TORCH_CHECK(psi_t.scalar_type() == at::kFloat || psi_t.scalar_type() == at::kDouble,
               "lmm_fast: psi_t must be float32 or float64, got ", psi_t.scalar_type());
   TORCH_CHECK(psi_t.is_contiguous(), "lmm_fast: psi_t must be contiguous (it is written in place)");
+  TORCH_CHECK(psi_scale.dim() == 1 && psi_scale.size(0) == psi_t.size(1),
+              "lmm_fast: psi_scale must be [", psi_t.size(1), "], got shape ", psi_scale.sizes());
+  TORCH_CHECK(psi_scale.scalar_type() == psi_t.scalar_type(),
+              "lmm_fast: psi_scale must have psi_t's dtype ", psi_t.scalar_type(), ", got ",
+              psi_scale.scalar_type());
+  TORCH_CHECK(psi_scale.is_contiguous(), "lmm_fast: psi_scale must be contiguous (it is written in place)");
   TORCH_CHECK(counts_t.sizes() == psi_t.sizes(), "lmm_fast: counts_t must have psi_t's shape ",
               psi_t.sizes(), ", got ", counts_t.sizes());
   TORCH_CHECK(counts_t.scalar_type() == at::kInt, "lmm_fast: counts_t must be int32, got ",
@@ -329,19 +356,24 @@ inline void check_refresh_inputs(const at::Tensor& psi_t, const at::Tensor& coun
               group_totals.sizes());
   TORCH_CHECK(group_totals.scalar_type() == at::kInt,
               "lmm_fast: group_totals must be int32, got ", group_totals.scalar_type());
+  TORCH_CHECK(group_totals.is_contiguous(), "lmm_fast: group_totals must be contiguous");
   TORCH_CHECK(beta.dim() == 1 && beta.size(0) == psi_t.size(0),
               "lmm_fast: beta must be [N] = [", psi_t.size(0), "], got shape ", beta.sizes());
   TORCH_CHECK(beta.scalar_type() == at::kFloat, "lmm_fast: beta must be float32, got ",
               beta.scalar_type());
   TORCH_CHECK(std::isfinite(beta0) && beta0 > 0.0,
               "lmm_fast: beta0 must be positive and finite, got ", beta0);
-  TORCH_CHECK(columns.dim() == 1 && columns.scalar_type() == at::kLong,
-              "lmm_fast: columns must be a 1-D int64 tensor, got ", columns.scalar_type(),
-              " of shape ", columns.sizes());
-  for (const auto* t : {&counts_t, &group_totals, &beta, &columns}) {
+  for (const auto* t : {&psi_scale, &counts_t, &group_totals, &beta}) {
     TORCH_CHECK(t->device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
                 psi_t.device(), ", got one on ", t->device());
   }
+}
+
+inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index, const char* name) {
+  TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "lmm_fast: ", name,
+              " must be a 1-D int64 tensor, got ", index.scalar_type(), " of shape ", index.sizes());
+  TORCH_CHECK(index.device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
+              psi_t.device(), ", got ", name, " on ", index.device());
 }
 
 }  // namespace gibbs

@@ -54,11 +54,17 @@ TORCH_LIBRARY(lmm_fast, m) {
       "gibbs_sample_exact(Tensor logits, Tensor target, Tensor old_labels, "
       "Tensor(a!) counts_t, Tensor(b!) group_totals, Tensor beta, float beta0, "
       "int[] level_sizes, int seed, int step, Tensor image_ids) -> Tensor");
-  // Eq. 6, psi_t[:, c] = (counts_t[:, c] + beta) / (group_totals[c] + beta0),
-  // rewritten in place for the listed columns c only.
+  // Eq. 6 factored as the loss reads it (Psi[t, y] = psi_t[y, t] * psi_scale[t]):
+  // psi_t[:, c] = counts_t[:, c] + beta and psi_scale[c] = 1 / (group_totals[c]
+  // + beta0), rewritten in place for the listed columns c only.
   m.def(
-      "gibbs_refresh_psi(Tensor(a!) psi_t, Tensor counts_t, Tensor group_totals, "
-      "Tensor beta, float beta0, Tensor columns) -> ()");
+      "gibbs_refresh_psi(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor counts_t, "
+      "Tensor group_totals, Tensor beta, float beta0, Tensor columns) -> ()");
+  // The same for single entries: psi_t[rows[i], columns[i]] = counts_t[...] +
+  // beta[rows[i]] and psi_scale[columns[i]] = 1 / (group_totals[...] + beta0).
+  m.def(
+      "gibbs_refresh_psi_entries(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor counts_t, "
+      "Tensor group_totals, Tensor beta, float beta0, Tensor rows, Tensor columns) -> ()");
   // Class probabilities sum_l theta_l softmax(a^l) Psi^l [B, N] for a tree
   // Psi (at most one non-zero per column and level), given level-major as
   // group_index [L-1, N] (int32 group of each class) and group_value [L-1, N]

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
 
-__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi"]
+__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries"]
 
 
 def gibbs_sample(
@@ -86,24 +86,63 @@ def gibbs_sample_exact(
 
 def gibbs_refresh_psi(
     psi_t: Tensor,
+    psi_scale: Tensor,
     counts_t: Tensor,
     group_totals: Tensor,
     beta: Tensor,
     beta0: float,
     columns: Tensor,
 ) -> None:
-    """Eq. 6 on some columns of the class-major Ψ, in place:
-    ``psi_t[:, c] = (counts_t[:, c] + beta) / (group_totals[c] + beta0)``,
-    computed in float64 and rounded to ``psi_t``'s dtype.
+    """Eq. 6 on some columns (groups) of the class-major Ψ, in the factored form
+    the loss reads (``Ψ^l[t, y] = psi_t[y, off_l + t] · psi_scale[off_l + t]``),
+    in place: ``psi_t[:, c] = counts_t[:, c] + beta`` and
+    ``psi_scale[c] = 1 / (group_totals[c] + beta0)``, each formed in float64
+    from the integer counts and rounded once to Ψ's dtype.
 
     Args:
         psi_t: ``[N, Σ_upper N_l]`` float32/64, contiguous (e.g. a
             :class:`~lmm_fast.FusedLMMLoss`'s ``psi_t`` buffer).
-        counts_t: int32, same shape; group_totals: ``[Σ_upper N_l]`` int32.
+        psi_scale: ``[Σ_upper N_l]``, ``psi_t``'s dtype, contiguous (the
+            loss's ``psi_scale`` buffer).
+        counts_t: int32, ``psi_t``'s shape; group_totals: ``[Σ_upper N_l]`` int32.
         beta: ``[N]`` float32; beta0: ``β_0 > 0``.
         columns: ``[C]`` int64 column indices (global, across the levels).
     """
-    torch.ops.lmm_fast.gibbs_refresh_psi.default(psi_t, counts_t, group_totals, beta, float(beta0), columns)
+    torch.ops.lmm_fast.gibbs_refresh_psi.default(psi_t, psi_scale, counts_t, group_totals, beta,
+                                                 float(beta0), columns)
+    _written(psi_t, psi_scale)
+
+
+def gibbs_refresh_psi_entries(
+    psi_t: Tensor,
+    psi_scale: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    rows: Tensor,
+    columns: Tensor,
+) -> None:
+    """:func:`gibbs_refresh_psi` on single entries: for every ``i``,
+    ``psi_t[rows[i], columns[i]] = counts_t[rows[i], columns[i]] + beta[rows[i]]``
+    and ``psi_scale[columns[i]] = 1 / (group_totals[columns[i]] + beta0)``.
+    ``rows`` (classes) and ``columns`` (global group columns) are ``[P]``
+    int64; repeated pairs are allowed (they write the same value).
+
+    A step changes Ω only at the (class, group) pairs of its images' old and
+    new groups, so these are the only entries of Eq. 6 it changes.
+    """
+    torch.ops.lmm_fast.gibbs_refresh_psi_entries.default(psi_t, psi_scale, counts_t, group_totals, beta,
+                                                         float(beta0), rows, columns)
+    _written(psi_t, psi_scale)
+
+
+def _written(*tensors: Tensor) -> None:
+    # The C++ ops write through raw pointers, which does not bump the tensors'
+    # version counters; the loss's caches (effective Ψ, tree index) are keyed
+    # on them, so bump them here.
+    for t in tensors:
+        torch.autograd.graph.increment_version(t)
 
 
 @torch.library.register_fake("lmm_fast::gibbs_sample")
@@ -123,5 +162,10 @@ def _gibbs_sample_exact_fake(logits, target, old_labels, counts_t, group_totals,
 
 
 @torch.library.register_fake("lmm_fast::gibbs_refresh_psi")
-def _gibbs_refresh_psi_fake(psi_t, counts_t, group_totals, beta, beta0, columns):
+def _gibbs_refresh_psi_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta0, columns):
+    return None
+
+
+@torch.library.register_fake("lmm_fast::gibbs_refresh_psi_entries")
+def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta0, rows, columns):
     return None

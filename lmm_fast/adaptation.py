@@ -129,6 +129,10 @@ class GibbsAdapter:
             )
         if psi_t.dim() != 2 or not psi_t.is_contiguous():
             raise ValueError("loss_fn.psi_t must be a contiguous [N, sum(upper level sizes)] tensor")
+        psi_scale = getattr(loss_fn, "psi_scale", None)
+        if not isinstance(psi_scale, Tensor) or tuple(psi_scale.shape) != (psi_t.shape[1],):
+            raise TypeError("loss_fn must be a FusedLMMLoss with a psi_scale buffer [sum(upper level sizes)]: "
+                            "the adapter keeps Ψ factored as psi_t * psi_scale")
         if prior not in PRIORS:
             raise ValueError(f"prior must be one of {PRIORS}, got {prior!r}")
         if distributed not in (None, True, False):
@@ -173,8 +177,14 @@ class GibbsAdapter:
         self._counts_g: Tensor | None = None
         self._recount()
         self._psi_synced = False
+        # Identity and version counters of the loss's psi_t / psi_scale after
+        # the adapter's last write: anything else writing them (set_psi, a
+        # loss load_state_dict, .to()) breaks the factored form the
+        # incremental updates maintain, and the next step then rebuilds Ψ.
+        self._psi_key: tuple | None = None
         self._owner: list[Tensor] | None = None
         self._empty: list[Tensor] | None = None
+        self._own_value: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -258,6 +268,7 @@ class GibbsAdapter:
         if self._owner is not None:
             self._owner = [o.to(device) for o in self._owner]
             self._empty = [e.to(device) for e in self._empty]
+            self._own_value = [v.to(device) for v in self._own_value]
         return self
 
     def _check_devices(self, **tensors: Tensor) -> None:
@@ -370,7 +381,7 @@ class GibbsAdapter:
             new = self._draw(logits, target, indices, old)
             self._apply(target, old, new)
             self._labels[indices] = new
-        self._after_counts_changed(old, new)
+        self._after_counts_changed(target, old, new)
         return new
 
     def _draw(self, logits: Tensor, target: Tensor, indices: Tensor, old: Tensor) -> Tensor:
@@ -391,15 +402,35 @@ class GibbsAdapter:
         self.group_totals.index_add_(0, cols_new, ones)
         self._move_group_major(target, old, new)
 
-    def _after_counts_changed(self, old: Tensor, new: Tensor) -> None:
-        if not self._psi_synced:
+    def _after_counts_changed(self, target: Tensor, old: Tensor, new: Tensor) -> None:
+        """Updates Ψ after the images of classes ``target`` moved from the groups
+        ``old`` to ``new`` (``[B, L-1]``, level-local)."""
+        if not self._psi_synced or self._psi_key != self._current_psi_key():
             self.refresh_psi()
             return
         moved = old != new
-        cols = torch.cat([(old + self._offsets_t)[moved], (new + self._offsets_t)[moved]])
-        if cols.numel() == 0:
+        if not bool(moved.any()):
             return
-        self._refresh_columns(torch.unique(cols))
+        # Ω changed only at the (class, group) pairs of the moved labels.
+        rows = target[:, None].expand_as(old)[moved]
+        rows = torch.cat([rows, rows])
+        cols = torch.cat([(old + self._offsets_t)[moved], (new + self._offsets_t)[moved]])
+        self._check_devices()
+        if not self.non_overlapping:
+            # psi_t[y, t] = Ω[t, y] + β_y changes only at those pairs and
+            # psi_scale[t] = 1 / (n_t + β_0) only for their groups.
+            _gibbs_ops.gibbs_refresh_psi_entries(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
+                                                 self.group_totals, self.beta, self.beta0, rows, cols)
+        else:
+            for level, (offset, size) in enumerate(zip(self.offsets, self.level_sizes)):
+                here = (cols >= offset) & (cols < offset + size)
+                if bool(here.any()):
+                    self._refresh_level_tc(level, rows[here], cols[here] - offset)
+        self._psi_key = self._current_psi_key()
+
+    def _current_psi_key(self) -> tuple:
+        psi_t, psi_scale = self.loss_fn.psi_t, self.loss_fn.psi_scale
+        return (psi_t.data_ptr(), psi_t._version, psi_scale.data_ptr(), psi_scale._version)
 
     # ----------------------------------------------------------- distributed
     def _dist(self):
@@ -496,7 +527,7 @@ class GibbsAdapter:
             new = all_new
             self._apply(all_target, old, new)
         self._labels[all_indices] = new
-        self._after_counts_changed(old, new)
+        self._after_counts_changed(all_target, old, new)
         rank = dist.get_rank(self._group)
         start = sum(sizes[:rank])
         return new[start : start + sizes[rank]]
@@ -505,32 +536,21 @@ class GibbsAdapter:
     @torch.no_grad()
     def refresh_psi(self) -> None:
         """Rewrite all of the loss's Ψ from the counts (Eq. 6, and the
-        non-overlapping constraint if enabled). :meth:`step` calls it once,
-        on the first step, and afterwards updates only what changed."""
+        non-overlapping constraint if enabled), as ``psi_t`` (unnormalised
+        Ω + β) times ``psi_scale`` (per-group normalisers). :meth:`step` calls
+        it on the first step (and if something else wrote the loss's Ψ since
+        the adapter's last update); afterwards it updates only what changed."""
         self._check_devices()
         if self.non_overlapping:
-            self._owner, self._empty = [], []
+            self._owner, self._empty, self._own_value = [], [], []
             for level in range(len(self.level_sizes)):
-                self._refresh_level_tc(level, None)
+                self._refresh_level_tc(level, None, None)
         else:
             columns = torch.arange(self.upper_width, device=self.device)
-            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.counts_t, self.group_totals,
-                                         self.beta, self.beta0, columns)
+            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
+                                         self.group_totals, self.beta, self.beta0, columns)
         self._psi_synced = True
-
-    def _refresh_columns(self, columns: Tensor) -> None:
-        """Rewrite the columns of Ψ (class-major: the groups) whose counts changed."""
-        self._check_devices()
-        if not self.non_overlapping:
-            # Eq. 6 only changes in the rows (groups) whose n_t or Ω[t, :]
-            # changed: O(N) per changed group, nothing else is touched.
-            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.counts_t, self.group_totals,
-                                         self.beta, self.beta0, columns)
-            return
-        for level, (offset, size) in enumerate(zip(self.offsets, self.level_sizes)):
-            local = columns[(columns >= offset) & (columns < offset + size)] - offset
-            if local.numel():
-                self._refresh_level_tc(level, local)
+        self._psi_key = self._current_psi_key()
 
     def _eq6(self, counts: Tensor, beta: Tensor, columns: Tensor) -> Tensor:
         """Eq. 6 in float64 for gathered counts ``[R, C]``, the β ``[R]`` of
@@ -551,24 +571,30 @@ class GibbsAdapter:
             groups[start : start + block] = values.argmax(dim=1)
         return groups
 
-    def _refresh_level_tc(self, level: int, changed: Tensor | None) -> None:
-        """Non-overlapping Ψ of one level: full when ``changed`` is None, else
-        incremental for the groups ``changed`` (sorted, level-local) whose
-        counts changed.
+    def _refresh_level_tc(self, level: int, pair_rows: Tensor | None, pair_groups: Tensor | None) -> None:
+        """Non-overlapping Ψ of one level, factored: ``psi_t[y, t] = Ω[t, y] + β_y``
+        if ``t`` owns ``y`` (else 0) and ``psi_scale[t] = 1 / Σ_{y owned by t}
+        (Ω[t, y] + β_y)``; a group that owns no class holds its Eq. 6 row
+        (``psi_t[:, t] = Ω[t, :] + β``, ``psi_scale[t] = 1 / (n_t + β_0)``).
 
-        Incrementally, a class keeps its owner unless a changed group now beats
-        it (one comparison per class and changed group) or its owner itself
-        changed (then its whole column of groups is rescanned); only the
-        columns whose membership or emptiness changed are rewritten in full,
-        plus one entry per class.
+        Full when ``pair_rows`` is None; else incremental after Ω changed at
+        the (class, level-local group) pairs ``pair_rows``, ``pair_groups``.
+        A class keeps its owner unless a changed group now beats it (one
+        comparison per class and changed group) or its owner itself changed
+        (then its whole column of groups is rescanned). Only these entries of
+        ``psi_t`` are written: the changed pairs, and for each class whose
+        owner changed its old and new owner's entries; whole columns only for a
+        group that becomes or stops being empty (rare). The level's
+        ``psi_scale`` slice (``N_l`` numbers) is rewritten every time.
         """
-        psi_t = self.loss_fn.psi_t
+        psi_t, psi_scale = self.loss_fn.psi_t, self.loss_fn.psi_scale
         offset, size = self.offsets[level], self.level_sizes[level]
         n = self.num_classes
         classes = torch.arange(n, device=self.device)
-        if changed is None:
+        if pair_rows is None:
             owner = self._best_groups(level, classes)
         else:
+            changed = torch.unique(pair_groups)
             previous = self._owner[level]
             owner = previous.clone()
             own_columns = previous + offset
@@ -579,33 +605,55 @@ class GibbsAdapter:
             in_changed = torch.zeros(size, dtype=torch.bool, device=self.device)
             in_changed[changed] = True
             columns = changed + offset
-            changed_rows = self._counts_g.index_select(0, columns)  # [changed, N], contiguous reads
-            block = max(1, _BLOCK_ELEMENTS // changed.numel())
-            for start in range(0, n, block):
-                stop = min(n, start + block)
-                values = self._eq6(changed_rows[:, start:stop].t(), self.beta[start:stop], columns)
-                best, arg = values.max(dim=1)
-                challenger = changed[arg]
-                mine = own_values[start:stop]
-                current = previous[start:stop]
-                wins = (best > mine) | ((best == mine) & (challenger < current))
-                owner[start:stop] = torch.where(wins, challenger, current)
-            rescan = in_changed[previous].nonzero().flatten()
+            totals = self.group_totals[columns].double() + self.beta0
+            beta64 = self.beta.double()
+            # Best challenger among the changed groups, per class. Where Ω[t, y]
+            # = 0 the value β_y / (n_t + β_0) is largest in the changed group
+            # with the fewest images (lowest index on ties: argmin returns the
+            # first); the non-zero counts, a few per group, are compared one by
+            # one. A group whose count is non-zero beats its own zero-count
+            # value, so the two parts combine by a plain maximum.
+            fewest = int(torch.argmin(totals))
+            best = beta64 / totals[fewest]
+            arg = torch.full((n,), int(changed[fewest]), dtype=torch.long, device=self.device)
+            k, ys = self._counts_g.index_select(0, columns).nonzero(as_tuple=True)
+            if ys.numel():
+                values = (self._counts_g[columns[k], ys].double() + beta64[ys]) / totals[k]
+                top = torch.full((n,), -1.0, dtype=torch.float64, device=self.device)
+                top.scatter_reduce_(0, ys, values, "amax")
+                groups = torch.where(values == top[ys], changed[k], size)
+                first = torch.full((n,), size, dtype=torch.long, device=self.device)
+                first.scatter_reduce_(0, ys, groups, "amin")
+                use = (top > best) | ((top == best) & (first < arg))
+                best = torch.where(use, top, best)
+                arg = torch.where(use, first, arg)
+            wins = (best > own_values) | ((best == own_values) & (arg < previous))
+            owner = torch.where(wins, arg, previous)
+            # A class whose owner changed needs a rescan only if its value
+            # there fell: otherwise it still beats every unchanged group (as
+            # it did), and the changed ones were compared above.
+            fell = own_values < self._own_value[level]
+            rescan = (in_changed[previous] & fell).nonzero().flatten()
             if rescan.numel():
                 owner[rescan] = self._best_groups(level, rescan)
         kept = torch.bincount(owner, minlength=size)
         empty = kept == 0
-        owner_columns = (owner + offset)[:, None]
-        numerators = self.counts_t.gather(1, owner_columns).squeeze(1).double() + self.beta.double()
+        owner_columns = owner + offset
+        # Normalisers in float64 from the counts (the same expression in the
+        # full and the incremental path, so both give the same bits).
+        numerators = self.counts_t.gather(1, owner_columns[:, None]).squeeze(1).double() + self.beta.double()
         normaliser = torch.zeros(size, dtype=torch.float64, device=self.device)
         normaliser.index_add_(0, owner, numerators)
-        values = (numerators / normaliser[owner]).to(psi_t.dtype)
+        own_value = numerators / (self.group_totals[owner_columns].double() + self.beta0)
+        eq6_normaliser = self.group_totals[offset : offset + size].double() + self.beta0
         block_view = psi_t[:, offset : offset + size]
-        if changed is None:
+        if pair_rows is None:
             block_view.zero_()
             refill = empty.nonzero().flatten()
+            entry_rows, entry_columns = classes, owner_columns
             self._owner.append(owner)
             self._empty.append(empty)
+            self._own_value.append(own_value)
         else:
             previous, was_empty = self._owner[level], self._empty[level]
             filled = (was_empty & ~empty).nonzero().flatten()
@@ -614,13 +662,24 @@ class GibbsAdapter:
             left = (owner != previous).nonzero().flatten()
             if left.numel():
                 psi_t[left, previous[left] + offset] = 0
-            refill = (empty & (in_changed | ~was_empty)).nonzero().flatten()
+            refill = (empty & ~was_empty).nonzero().flatten()
+            # a changed pair is non-zero iff its group owns the class or owns none
+            live = (owner[pair_rows] == pair_groups) | empty[pair_groups]
+            entry_rows = torch.cat([left, pair_rows[live]])
+            entry_columns = torch.cat([owner_columns[left], pair_groups[live] + offset])
             self._owner[level] = owner
             self._empty[level] = empty
+            self._own_value[level] = own_value
         if refill.numel():
-            _gibbs_ops.gibbs_refresh_psi(psi_t, self.counts_t, self.group_totals, self.beta, self.beta0,
-                                         refill + offset)
-        psi_t.scatter_(1, owner_columns, values[:, None])
+            _gibbs_ops.gibbs_refresh_psi(psi_t, psi_scale, self.counts_t, self.group_totals, self.beta,
+                                         self.beta0, refill + offset)
+        if entry_rows.numel():
+            _gibbs_ops.gibbs_refresh_psi_entries(psi_t, psi_scale, self.counts_t, self.group_totals, self.beta,
+                                                 self.beta0, entry_rows, entry_columns)
+        # the ops wrote 1 / (n_t + β_0) for the groups they touched; the
+        # owning groups' factor is over their kept classes only
+        scale = torch.where(empty, eq6_normaliser, normaliser).reciprocal()
+        psi_scale[offset : offset + size] = scale.to(psi_scale.dtype)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -688,7 +747,7 @@ class GibbsAdapter:
         self._counts_g = self.counts_t.t().contiguous() if self.non_overlapping else None
         self.seed = int(state["seed"])
         self.step_count = int(state["step"])
-        self._owner = self._empty = None
+        self._owner = self._empty = self._own_value = None
         self._psi_synced = False
         if state["psi_synced"]:
             self.refresh_psi()

@@ -9,7 +9,8 @@ Two kinds of reference live here:
   return; slow, for tests.
 * **the mathematics** in float64: :func:`conditional_probabilities` (Eq. 4),
   :func:`psi_from_counts_reference` (Eq. 6 and the non-overlapping
-  constraint) and :func:`joint_posterior` (the exact joint posterior of a tiny
+  constraint), :func:`psi_factors_reference` (the same, factored as the
+  adapter stores it in the loss) and :func:`joint_posterior` (the exact joint posterior of a tiny
   problem, the oracle of the exact sampler).
 """
 from __future__ import annotations
@@ -34,6 +35,7 @@ __all__ = [
     "conditional_probabilities",
     "counts_from_labels",
     "psi_from_counts_reference",
+    "psi_factors_reference",
     "joint_posterior",
 ]
 
@@ -288,6 +290,43 @@ def psi_from_counts_reference(
         empty = keep.sum(1) == 0
         psi = torch.where(empty[:, None], dense, kept / torch.where(z > 0, z, torch.ones_like(z)))
         out.append(psi)
+    return out
+
+
+def psi_factors_reference(
+    counts: Sequence[Tensor], beta: Tensor | float, beta0: float | None = None,
+    non_overlapping: bool = False,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`psi_from_counts_reference` in the factored form the adapter keeps
+    in the loss (``Ψ[t, y] = numerator[t, y] · scale[t]``), float64.
+
+    Without the constraint ``numerator = Ω + β`` and ``scale = 1 / (n_t + β_0)``.
+    With it, ``numerator[t, y] = Ω[t, y] + β_y`` if ``t`` owns ``y`` (its
+    argmax group of Eq. 6, lowest t on ties) else 0, and
+    ``scale[t] = 1 / Σ_{y owned by t} (Ω[t, y] + β_y)``; a group that owns no
+    class keeps its unconstrained pair.
+
+    Returns: one ``(numerator [N_l, N], scale [N_l])`` pair per upper level.
+    """
+    out = []
+    for omega in counts:
+        omega = omega.to(torch.float64).cpu()
+        n = omega.shape[1]
+        b = torch.as_tensor(beta, dtype=torch.float64).expand(n)
+        b0 = float(b.sum()) if beta0 is None else float(beta0)
+        num = omega + b[None, :]
+        eq6_scale = 1.0 / (omega.sum(1) + b0)
+        if not non_overlapping:
+            out.append((num, eq6_scale))
+            continue
+        owner = (num * eq6_scale[:, None]).argmax(0)
+        keep = torch.zeros_like(num, dtype=torch.bool)
+        keep[owner, torch.arange(n)] = True
+        empty = keep.sum(1) == 0
+        kept = torch.where(keep | empty[:, None], num, torch.zeros_like(num))
+        z = torch.where(keep, num, torch.zeros_like(num)).sum(1)
+        scale = torch.where(empty, eq6_scale, 1.0 / torch.where(empty, torch.ones_like(z), z))
+        out.append((kept, scale))
     return out
 
 

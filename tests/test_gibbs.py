@@ -84,6 +84,12 @@ def check_invariants(adapter, loss_fn):
     reference = ref.psi_from_counts_reference(adapter.counts, adapter.beta, adapter.beta0, adapter.non_overlapping)
     for got, want in zip(loss_fn.psi, reference):
         torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
+    # the stored factors: unnormalised Ω + β in psi_t, one normaliser per group in psi_scale
+    factors = ref.psi_factors_reference(adapter.counts, adapter.beta, adapter.beta0, adapter.non_overlapping)
+    for (numerator, scale), offset in zip(factors, adapter.offsets):
+        size = scale.numel()
+        assert torch.equal(loss_fn.psi_t[:, offset : offset + size].t().double(), numerator.float().double())
+        torch.testing.assert_close(loss_fn.psi_scale[offset : offset + size].double(), scale, rtol=1e-7, atol=0)
     if adapter.non_overlapping:
         for psi, omega in zip(loss_fn.psi, adapter.counts):
             dense = (omega.double() + adapter.beta.double()) / (omega.double().sum(1, keepdim=True) + adapter.beta0)
@@ -307,16 +313,46 @@ def test_refresh_psi_columns_only():
     _, _, counts_t, totals = consistent_state(gen, sizes, 200)
     beta = 0.1 + torch.rand(23, generator=gen)
     psi_t = torch.full((23, 13), -1.0)
+    scale = torch.full((13,), -1.0)
     columns = torch.tensor([0, 5, 12, 7])
-    ops.gibbs_refresh_psi(psi_t, counts_t, totals, beta, 3.5, columns)
-    want = (counts_t.double() + beta.double()[:, None]) / (totals.double() + 3.5)
-    assert torch.equal(psi_t[:, columns], want[:, columns].float())
+    version = psi_t._version
+    ops.gibbs_refresh_psi(psi_t, scale, counts_t, totals, beta, 3.5, columns)
+    assert psi_t._version > version, "the wrapper must bump the version (the loss caches on it)"
+    numerator = counts_t.double() + beta.double()[:, None]
+    factor = 1.0 / (totals.double() + 3.5)
+    assert torch.equal(psi_t[:, columns], numerator[:, columns].float())
+    assert torch.equal(scale[columns], factor[columns].float())
     untouched = torch.ones(13, dtype=torch.bool)
     untouched[columns] = False
-    assert bool((psi_t[:, untouched] == -1).all())
-    psi64 = torch.zeros(23, 13, dtype=torch.float64)
-    ops.gibbs_refresh_psi(psi64, counts_t, totals, beta, 3.5, torch.arange(13))
-    assert torch.equal(psi64, want)
+    assert bool((psi_t[:, untouched] == -1).all()) and bool((scale[untouched] == -1).all())
+    # the product is Eq. 6
+    want = numerator / (totals.double() + 3.5)
+    torch.testing.assert_close((psi_t * scale)[:, columns].double(), want[:, columns], rtol=3e-7, atol=0)
+    psi64, scale64 = torch.zeros(23, 13, dtype=torch.float64), torch.zeros(13, dtype=torch.float64)
+    ops.gibbs_refresh_psi(psi64, scale64, counts_t, totals, beta, 3.5, torch.arange(13))
+    assert torch.equal(psi64, numerator) and torch.equal(scale64, factor)
+
+
+def test_refresh_psi_entries_only():
+    gen = torch.Generator().manual_seed(10)
+    sizes = [4, 9, 23]
+    _, _, counts_t, totals = consistent_state(gen, sizes, 200)
+    beta = 0.1 + torch.rand(23, generator=gen)
+    psi_t = torch.full((23, 13), -1.0)
+    scale = torch.full((13,), -1.0)
+    rows = torch.tensor([3, 0, 22, 3, 7])
+    columns = torch.tensor([5, 12, 0, 5, 12])  # (3, 5) twice
+    ops.gibbs_refresh_psi_entries(psi_t, scale, counts_t, totals, beta, 2.25, rows, columns)
+    numerator = (counts_t.double() + beta.double()[:, None]).float()
+    factor = (1.0 / (totals.double() + 2.25)).float()
+    touched = torch.zeros(23, 13, dtype=torch.bool)
+    touched[rows, columns] = True
+    assert torch.equal(psi_t[touched], numerator[touched])
+    assert bool((psi_t[~touched] == -1).all())
+    assert torch.equal(scale[columns], factor[columns])
+    assert int((scale != -1).sum()) == 3
+    ops.gibbs_refresh_psi_entries(psi_t, scale, counts_t, totals, beta, 2.25, rows[:0], columns[:0])  # no-op
+    assert torch.equal(psi_t[touched], numerator[touched])
 
 
 # ------------------------------------------------------------------ opcheck
@@ -324,9 +360,13 @@ def test_opcheck():
     d = op_inputs(12, [3, 7, 11], 6)
     torch.library.opcheck(torch.ops.lmm_fast.gibbs_sample.default, args_of(d))
     torch.library.opcheck(torch.ops.lmm_fast.gibbs_sample_exact.default, args_of(d))
-    psi_t = torch.zeros(11, 10)
+    psi_t, psi_scale = torch.zeros(11, 10), torch.ones(10)
     torch.library.opcheck(torch.ops.lmm_fast.gibbs_refresh_psi.default,
-                          (psi_t, d["counts_t"], d["group_totals"], d["beta"], d["beta0"], torch.tensor([1, 4])))
+                          (psi_t, psi_scale, d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
+                           torch.tensor([1, 4])))
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_refresh_psi_entries.default,
+                          (psi_t, psi_scale, d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
+                           torch.tensor([0, 10, 10]), torch.tensor([9, 2, 2])))
 
 
 def test_torch_compile_fullgraph():
@@ -362,20 +402,32 @@ def test_op_bad_inputs():
             ops.gibbs_sample_exact(*args_of({**d, "counts_t": counts, **change}))
         if "counts_t" not in change:
             assert torch.equal(counts, d["counts_t"]), "a refused exact call changed the counts"
+    refresh = (d["counts_t"], d["group_totals"], d["beta"], 1.0)
     with pytest.raises(RuntimeError, match=r"columns\[0\] = 10 is out of range"):
-        ops.gibbs_refresh_psi(torch.zeros(11, 10), d["counts_t"], d["group_totals"], d["beta"], 1.0,
-                              torch.tensor([10]))
+        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(10), *refresh, torch.tensor([10]))
+    with pytest.raises(RuntimeError, match="psi_scale must be"):
+        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(9), *refresh, torch.tensor([1]))
+    with pytest.raises(RuntimeError, match="psi_scale must have psi_t's dtype"):
+        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(10, dtype=torch.float64), *refresh, torch.tensor([1]))
+    psi_t, psi_scale = torch.full((11, 10), -1.0), torch.full((10,), -1.0)
+    for rows, cols, message in [([0, 11], [1, 1], r"rows\[1\] = 11 is out of range"),
+                                ([0, 1], [1, -1], r"columns\[1\] = -1 is out of range"),
+                                ([0, 1], [1], "the same length")]:
+        with pytest.raises(RuntimeError, match=message):
+            ops.gibbs_refresh_psi_entries(psi_t, psi_scale, *refresh, torch.tensor(rows), torch.tensor(cols))
+        assert bool((psi_t == -1).all()) and bool((psi_scale == -1).all()), "a refused call wrote Ψ"
 
 
 # ------------------------------------------------------------------ adapter
 def test_adapter_starts_at_the_hierarchy():
     h, loss_fn, targets, adapter = make_adapter()
-    psi_before = loss_fn.psi_t.clone()
+    psi_before, scale_before = loss_fn.psi_t.clone(), loss_fn.psi_scale.clone()
     for level, groups in enumerate(h.assignments):
         assert torch.equal(adapter.labels[:, level], groups[targets])
     check_labels_and_counts = ref.counts_from_labels(adapter.labels, targets, h.level_sizes + [h.num_classes])
     assert all(torch.equal(a.long(), b) for a, b in zip(adapter.counts, check_labels_and_counts))
-    assert torch.equal(loss_fn.psi_t, psi_before), "the constructor must not touch Ψ (warm-up uses it)"
+    assert torch.equal(loss_fn.psi_t, psi_before) and torch.equal(loss_fn.psi_scale, scale_before), \
+        "the constructor must not touch Ψ (warm-up uses it)"
     assert adapter.counts[0].dtype == torch.int32 and adapter.labels.dtype == torch.long
     assert adapter.counts[1].shape == (5, 13) and adapter.labels.shape == (150, 2)
 
@@ -391,9 +443,9 @@ def test_adapter_invariants_after_many_steps(non_overlapping):
         adapter.step(logits, target, idx, exact=step % 3 == 0)
         check_invariants(adapter, loss_fn)
     # the incremental updates equal a rebuild from scratch, bit for bit
-    incremental = loss_fn.psi_t.clone()
+    incremental = (loss_fn.psi_t.clone(), loss_fn.psi_scale.clone())
     adapter.refresh_psi()
-    assert torch.equal(loss_fn.psi_t, incremental)
+    assert torch.equal(loss_fn.psi_t, incremental[0]) and torch.equal(loss_fn.psi_scale, incremental[1])
     assert adapter.step_count == 25
     moved = (adapter.labels != torch.stack([g[targets] for g in h.assignments], 1)).any(1)
     assert bool(moved.any()), "no image ever changed group: the test exercised nothing"
@@ -419,7 +471,7 @@ def test_non_overlapping_emptied_group_keeps_its_eq6_row():
     assert bool((psi[~owning] > 0).all())
 
 
-def test_first_step_rewrites_psi_then_only_changed_groups():
+def test_first_step_rewrites_psi_then_only_changed_entries():
     h, loss_fn, targets, adapter = make_adapter(n=13, sizes=(2, 5), images=100, seed=4)
     gen = torch.Generator().manual_seed(2)
     logits, target, idx = random_batch(gen, adapter, 1)
@@ -427,18 +479,81 @@ def test_first_step_rewrites_psi_then_only_changed_groups():
     expected = ref.psi_from_counts_reference(adapter.counts, adapter.beta, adapter.beta0)
     for got, want in zip(loss_fn.psi, expected):
         torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=1e-7)
-    # poison Ψ, then take a step that moves one image: only its two groups per level are rewritten
-    loss_fn.psi_t.fill_(-1.0)
-    for step in range(50):
-        logits, target, idx = random_batch(gen, adapter, 1, scale=6.0)
+    # Poison Ψ behind the adapter's back (.data: no version bump, so the
+    # adapter does not see a foreign write), then take steps that move images:
+    # only the (class, group) entries of their old and new groups are written.
+    offsets = torch.tensor(adapter.offsets)
+    for batch in (1, 9):
+        loss_fn.psi_t.data.fill_(-1.0)
+        loss_fn.psi_scale.data.fill_(-1.0)
+        for step in range(50):
+            logits, target, idx = random_batch(gen, adapter, batch, scale=6.0)
+            old = adapter.labels[idx].clone()
+            new = adapter.step(logits, target, idx)
+            if bool((new != old).any()):
+                break
+        moved = new != old
+        assert bool(moved.any()), "no image moved in 50 steps: the test exercised nothing"
+        rows = target[:, None].expand_as(old)[moved]
+        want = torch.zeros_like(loss_fn.psi_t, dtype=torch.bool)
+        want[rows, (old + offsets)[moved]] = True
+        want[rows, (new + offsets)[moved]] = True
+        assert torch.equal(loss_fn.psi_t != -1, want)
+        assert torch.equal(loss_fn.psi_scale != -1, want.any(0))
+        numerator = (adapter.counts_t.double() + adapter.beta.double()[:, None]).float()
+        assert torch.equal(loss_fn.psi_t[want], numerator[want])
+
+
+def test_non_overlapping_step_writes_few_entries():
+    # With the constraint a step writes the changed pairs and, per class whose
+    # owner changed, its old and new owner's entries; whole columns only when
+    # a group becomes or stops being empty.
+    h, loss_fn, targets, adapter = make_adapter(n=40, sizes=(4, 12), images=160, seed=12, beta=0.2,
+                                                non_overlapping=True)
+    gen = torch.Generator().manual_seed(3)
+    adapter.step(*random_batch(gen, adapter, 20))
+    offsets = torch.tensor(adapter.offsets)
+    checked = switches = 0
+    for _ in range(20):
+        owners = [o.clone() for o in adapter._owner]
+        empties = [e.clone() for e in adapter._empty]
+        loss_fn.psi_t.data.fill_(-1.0)
+        logits, target, idx = random_batch(gen, adapter, 16, scale=3.0)
         old = adapter.labels[idx].clone()
         new = adapter.step(logits, target, idx)
-        if bool((new != old).any()):
-            break
-    assert bool((new != old).any()), "no image moved in 50 steps: the test exercised nothing"
-    touched = (loss_fn.psi_t != -1).any(0)
-    moved = torch.cat([(old + torch.tensor(adapter.offsets))[new != old], (new + torch.tensor(adapter.offsets))[new != old]])
-    assert torch.equal(touched.nonzero().flatten(), torch.unique(moved))
+        if any(not torch.equal(e, f) for e, f in zip(empties, adapter._empty)):
+            continue
+        moved = new != old
+        allowed = torch.zeros_like(loss_fn.psi_t, dtype=torch.bool)
+        rows = target[:, None].expand_as(old)[moved]
+        allowed[rows, (old + offsets)[moved]] = True
+        allowed[rows, (new + offsets)[moved]] = True
+        for level, (before, after) in enumerate(zip(owners, adapter._owner)):
+            switched = (before != after).nonzero().flatten()
+            allowed[switched, before[switched] + adapter.offsets[level]] = True
+            allowed[switched, after[switched] + adapter.offsets[level]] = True
+        written = loss_fn.psi_t != -1
+        assert not bool((written & ~allowed).any())
+        checked += 1
+        switches += sum(int((b != a).sum()) for b, a in zip(owners, adapter._owner))
+        adapter.refresh_psi()  # restore the true Ψ
+        check_invariants(adapter, loss_fn)
+    assert checked >= 5 and switches > 0, (checked, switches)
+
+
+@pytest.mark.parametrize("non_overlapping", [False, True])
+def test_foreign_write_to_psi_triggers_a_rebuild(non_overlapping):
+    # set_psi (or loading the loss's state) replaces the factored Ψ the
+    # incremental updates maintain: the next step must rebuild it.
+    h, loss_fn, targets, adapter = make_adapter(seed=11, beta=0.5, non_overlapping=non_overlapping)
+    gen = torch.Generator().manual_seed(9)
+    adapter.step(*random_batch(gen, adapter, 30, scale=3.0))
+    loss_fn.set_psi(h.psi())  # normalised Ψ, factors reset to one
+    adapter.step(*random_batch(gen, adapter, 30, scale=3.0))
+    check_invariants(adapter, loss_fn)
+    loss_fn.load_state_dict(FusedLMMLoss.from_hierarchy(h).state_dict())
+    adapter.step(*random_batch(gen, adapter, 30, scale=3.0))
+    check_invariants(adapter, loss_fn)
 
 
 def test_same_seed_same_labels_other_seed_differs():
@@ -449,7 +564,7 @@ def test_same_seed_same_labels_other_seed_differs():
         gen = torch.Generator().manual_seed(0)
         for step in range(8):
             adapter.step(*random_batch(gen, adapter, 40, scale=3.0), exact=step == 4)
-        runs.append((adapter.labels.clone(), loss_fn.psi_t.clone()))
+        runs.append((adapter.labels.clone(), loss_fn.effective_psi_t().clone()))
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
     assert not torch.equal(runs[0][0], runs[2][0])
 
@@ -469,13 +584,13 @@ def test_resume_from_state_dict_equals_uninterrupted(non_overlapping):
     loss_b = FusedLMMLoss.from_hierarchy(h)  # a fresh loss: Ψ must be rebuilt from the counts
     b = GibbsAdapter(loss_b, h, targets, beta=0.5, non_overlapping=non_overlapping)
     b.load_state_dict(state)
-    assert torch.equal(loss_b.psi_t, loss_a.psi_t)
+    assert torch.equal(loss_b.psi_t, loss_a.psi_t) and torch.equal(loss_b.psi_scale, loss_a.psi_scale)
     for i, batch in enumerate(batches[6:]):
         new_a = a.step(*batch, exact=i == 3)
         new_b = b.step(*batch, exact=i == 3)
         assert torch.equal(new_a, new_b)
     assert torch.equal(a.labels, b.labels) and torch.equal(a.counts_t, b.counts_t)
-    assert torch.equal(loss_a.psi_t, loss_b.psi_t)
+    assert torch.equal(loss_a.psi_t, loss_b.psi_t) and torch.equal(loss_a.psi_scale, loss_b.psi_scale)
     corrupt = dict(state, counts_t=state["counts_t"] + 1)
     with pytest.raises(ValueError, match="not the histogram"):
         b.load_state_dict(corrupt)
@@ -493,6 +608,7 @@ def test_batch_order_does_not_change_batched_draws():
         new_b = b.step(logits[perm], target[perm], idx[perm])
         assert torch.equal(new_a[perm], new_b)
     assert torch.equal(a.labels, b.labels) and torch.equal(loss_a.psi_t, loss_b.psi_t)
+    assert torch.equal(loss_a.psi_scale, loss_b.psi_scale)
 
 
 def test_logits_as_list_and_upper_only():
@@ -534,7 +650,7 @@ def test_adapter_bad_inputs_change_nothing():
     gen = torch.Generator().manual_seed(7)
     adapter.step(*random_batch(gen, adapter, 10))
     snapshot = (adapter.labels.clone(), adapter.counts_t.clone(), adapter.group_totals.clone(),
-                loss_fn.psi_t.clone(), adapter.step_count)
+                loss_fn.psi_t.clone(), adapter.step_count, loss_fn.psi_scale.clone())
     logits, target, idx = random_batch(gen, adapter, 6)
     bad = [
         ((logits, target, torch.tensor([0, 1, 2, 3, 4, 150])), ValueError, r"indices\[5\] = 150 is not a training image"),
@@ -552,7 +668,7 @@ def test_adapter_bad_inputs_change_nothing():
             adapter.step(lg, tg, ix)
         assert torch.equal(adapter.labels, snapshot[0]) and torch.equal(adapter.counts_t, snapshot[1])
         assert torch.equal(adapter.group_totals, snapshot[2]) and torch.equal(loss_fn.psi_t, snapshot[3])
-        assert adapter.step_count == snapshot[4]
+        assert adapter.step_count == snapshot[4] and torch.equal(loss_fn.psi_scale, snapshot[5])
 
 
 def test_non_finite_logits_are_never_drawn():
@@ -619,11 +735,20 @@ def test_cuda_kernels_equal_cpu(sizes, batch):
     assert torch.equal(got, want)
     assert torch.equal(cuda["counts_t"].cpu(), d["counts_t"]) and torch.equal(cuda["group_totals"].cpu(), d["group_totals"])
     columns = torch.randperm(sum(sizes[:-1]))[: max(1, sum(sizes[:-1]) // 3)]
-    psi_cpu = torch.zeros(sizes[-1], sum(sizes[:-1]))
-    psi_cuda = psi_cpu.cuda()
-    ops.gibbs_refresh_psi(psi_cpu, d["counts_t"], d["group_totals"], d["beta"], d["beta0"], columns)
-    ops.gibbs_refresh_psi(psi_cuda, cuda["counts_t"], cuda["group_totals"], cuda["beta"], cuda["beta0"], columns.cuda())
-    assert torch.equal(psi_cuda.cpu(), psi_cpu)
+    psi_cpu, scale_cpu = torch.zeros(sizes[-1], sum(sizes[:-1])), torch.zeros(sum(sizes[:-1]))
+    psi_cuda, scale_cuda = psi_cpu.cuda(), scale_cpu.cuda()
+    ops.gibbs_refresh_psi(psi_cpu, scale_cpu, d["counts_t"], d["group_totals"], d["beta"], d["beta0"], columns)
+    ops.gibbs_refresh_psi(psi_cuda, scale_cuda, cuda["counts_t"], cuda["group_totals"], cuda["beta"],
+                          cuda["beta0"], columns.cuda())
+    assert torch.equal(psi_cuda.cpu(), psi_cpu) and torch.equal(scale_cuda.cpu(), scale_cpu)
+    rows = torch.randint(0, sizes[-1], (300,))
+    cols = torch.randint(0, sum(sizes[:-1]), (300,))
+    psi_cpu.fill_(-1), scale_cpu.fill_(-1), psi_cuda.fill_(-1), scale_cuda.fill_(-1)
+    ops.gibbs_refresh_psi_entries(psi_cpu, scale_cpu, d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
+                                  rows, cols)
+    ops.gibbs_refresh_psi_entries(psi_cuda, scale_cuda, cuda["counts_t"], cuda["group_totals"], cuda["beta"],
+                                  cuda["beta0"], rows.cuda(), cols.cuda())
+    assert torch.equal(psi_cuda.cpu(), psi_cpu) and torch.equal(scale_cuda.cpu(), scale_cpu)
 
 
 @pytest.mark.cuda
@@ -640,6 +765,9 @@ def test_cuda_adapter_equals_cpu(non_overlapping):
         b = gpu.step(logits.cuda(), target.cuda(), idx.cuda(), exact=step % 4 == 1)
         assert torch.equal(a, b.cpu())
     assert torch.equal(cpu.counts_t, gpu.counts_t.cpu())
-    torch.testing.assert_close(loss_gpu.psi_t.cpu(), loss_cpu.psi_t, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(loss_gpu.psi_t.cpu(), loss_cpu.psi_t, rtol=0, atol=0)
+    # the constraint's normalisers are summed with atomics on CUDA: last bit only
+    torch.testing.assert_close(loss_gpu.psi_scale.cpu(), loss_cpu.psi_scale, rtol=1e-6, atol=0)
+    torch.testing.assert_close(loss_gpu.effective_psi_t().cpu(), loss_cpu.effective_psi_t(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="is on cpu"):
         gpu.step(logits, target.cuda(), idx.cuda())

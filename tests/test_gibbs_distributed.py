@@ -47,7 +47,8 @@ def adapters(h, targets, **kwargs):
 
 
 def state_of(pairs):
-    return [(a.labels.clone(), a.counts_t.clone(), loss_fn.psi_t.clone(), a.step_count) for loss_fn, a in pairs]
+    return [(a.labels.clone(), a.counts_t.clone(), loss_fn.psi_t.clone(), a.step_count, loss_fn.psi_scale.clone())
+            for loss_fn, a in pairs]
 
 
 def worker(rank, port, out_dir):
@@ -115,6 +116,7 @@ def test_two_ranks_hold_the_single_process_state(tmp_path):
             assert torch.equal(got[1], want[1]), f"rank {rank}: Ω differs"
             assert torch.equal(got[2], want[2]), f"rank {rank}: Ψ differs"
             assert got[3] == want[3]
+            assert torch.equal(got[4], want[4]), f"rank {rank}: Ψ's normalisers differ"
         for got, want in zip(result["returned"], expected_returned):
             assert torch.equal(got, want[rank]), f"rank {rank}: step() returned other labels"
     moved = (expected[0][0] != torch.stack([g[targets] for g in h.assignments], 1)).any()

@@ -1,5 +1,5 @@
 // CPU kernels of the collapsed Gibbs sampler of group labels (paper Eq. 4) and
-// of the Psi-from-counts update (Eq. 6).
+// of the Psi-from-counts update (Eq. 6, factored as psi_t * psi_scale).
 //
 // Per image and upper level the sampler makes four passes over the level's
 // N_l candidates, all but the first in L1: the largest logit, the weights
@@ -256,41 +256,88 @@ at::Tensor gibbs_sample_exact_cpu(const at::Tensor& logits_in, const at::Tensor&
   return out;
 }
 
-void gibbs_refresh_psi_cpu(at::Tensor& psi_t, const at::Tensor& counts_t,
+// Whole columns (groups) of the factored Eq. 6: psi_t[:, c] = Omega[c, :] + beta,
+// psi_scale[c] = 1 / (n_c + beta0). O(N) strided writes per column: used to
+// build Psi and for the rare full-column changes of the constraint.
+void gibbs_refresh_psi_cpu(at::Tensor& psi_t, at::Tensor& psi_scale, const at::Tensor& counts_t,
                            const at::Tensor& group_totals, const at::Tensor& beta_in,
                            double beta0, const at::Tensor& columns_in) {
-  gibbs::check_refresh_inputs(psi_t, counts_t, group_totals, beta_in, beta0, columns_in);
+  gibbs::check_refresh_inputs(psi_t, psi_scale, counts_t, group_totals, beta_in, beta0);
+  gibbs::check_index_vector(psi_t, columns_in, "columns");
   const at::Tensor columns = columns_in.contiguous();
   const at::Tensor beta = beta_in.contiguous();
   const int64_t rows = psi_t.size(0);
   const int64_t width = psi_t.size(1);
   const int64_t ncols = columns.numel();
-  if (rows == 0 || ncols == 0) return;
+  if (ncols == 0) return;
   const int64_t* cols = columns.data_ptr<int64_t>();
-  const int32_t* totals = group_totals.data_ptr<int32_t>();
-  std::vector<double> denominator(ncols);
   for (int64_t j = 0; j < ncols; ++j) {
     TORCH_CHECK(cols[j] >= 0 && cols[j] < width, "lmm_fast: columns[", j, "] = ", cols[j],
                 " is out of range [0, ", width, ")");
-    denominator[j] = static_cast<double>(totals[cols[j]]) + beta0;
   }
+  const int32_t* totals = group_totals.data_ptr<int32_t>();
   const int32_t* counts = counts_t.data_ptr<int32_t>();
   const float* b = beta.data_ptr<float>();
   const int64_t grain = std::max<int64_t>(1, 32768 / ncols);
   AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_refresh_psi_cpu", [&] {
+    scalar_t* scale = psi_scale.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < ncols; ++j) {
+      scale[cols[j]] = static_cast<scalar_t>(gibbs::psi_group_scale(totals[cols[j]], beta0));
+    }
     scalar_t* psi = psi_t.data_ptr<scalar_t>();
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       for (int64_t y = begin; y < end; ++y) {
-        const double prior = static_cast<double>(b[y]);
         const int32_t* count_row = counts + y * width;
         scalar_t* psi_row = psi + y * width;
         for (int64_t j = 0; j < ncols; ++j) {
           const int64_t c = cols[j];
-          psi_row[c] = static_cast<scalar_t>((static_cast<double>(count_row[c]) + prior) /
-                                             denominator[j]);
+          psi_row[c] = static_cast<scalar_t>(gibbs::psi_numerator(count_row[c], b[y]));
         }
       }
     });
+  });
+}
+
+// Single entries of the factored Eq. 6: psi_t[rows[i], columns[i]] =
+// Omega + beta and psi_scale[columns[i]] = 1 / (n + beta0). A step changes the
+// counts only at the (class, group) pairs of its images' old and new groups,
+// so this is all an unconstrained step writes: O(B (L-1)), no whole column.
+// Repeated pairs write the same value.
+void gibbs_refresh_psi_entries_cpu(at::Tensor& psi_t, at::Tensor& psi_scale,
+                                   const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                   const at::Tensor& beta_in, double beta0,
+                                   const at::Tensor& rows_in, const at::Tensor& columns_in) {
+  gibbs::check_refresh_inputs(psi_t, psi_scale, counts_t, group_totals, beta_in, beta0);
+  gibbs::check_index_vector(psi_t, rows_in, "rows");
+  gibbs::check_index_vector(psi_t, columns_in, "columns");
+  TORCH_CHECK(rows_in.numel() == columns_in.numel(), "lmm_fast: rows and columns must have the same "
+              "length, got ", rows_in.numel(), " and ", columns_in.numel());
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor columns = columns_in.contiguous();
+  const at::Tensor beta = beta_in.contiguous();
+  const int64_t n = psi_t.size(0);
+  const int64_t width = psi_t.size(1);
+  const int64_t count = rows.numel();
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = columns.data_ptr<int64_t>();
+  // Validate everything before writing anything: a refused call changes nothing.
+  for (int64_t i = 0; i < count; ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < n, "lmm_fast: rows[", i, "] = ", r[i], " is out of range [0, ",
+                n, ")");
+    TORCH_CHECK(c[i] >= 0 && c[i] < width, "lmm_fast: columns[", i, "] = ", c[i],
+                " is out of range [0, ", width, ")");
+  }
+  const int32_t* totals = group_totals.data_ptr<int32_t>();
+  const int32_t* counts = counts_t.data_ptr<int32_t>();
+  const float* b = beta.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_refresh_psi_entries_cpu", [&] {
+    scalar_t* psi = psi_t.data_ptr<scalar_t>();
+    scalar_t* scale = psi_scale.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t at = r[i] * width + c[i];
+      psi[at] = static_cast<scalar_t>(gibbs::psi_numerator(counts[at], b[r[i]]));
+      scale[c[i]] = static_cast<scalar_t>(gibbs::psi_group_scale(totals[c[i]], beta0));
+    }
   });
 }
 
@@ -300,6 +347,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
   m.impl("gibbs_sample", &gibbs_sample_cpu);
   m.impl("gibbs_sample_exact", &gibbs_sample_exact_cpu);
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cpu);
+  m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cpu);
 }
 
 }  // namespace lmm_fast

@@ -17,142 +17,20 @@
 #include <mutex>
 #include <string>
 
+#include "cpu/vec_math.h"
 #include "loss_common.h"
-
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
-// One AVX2+FMA clone and one baseline clone of each hot loop; the loader picks
-// the best one for the running processor.
-#define LMM_FAST_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define LMM_FAST_MULTIVERSION
-#endif
-#define LMM_FAST_INLINE inline __attribute__((always_inline))
 
 namespace lmm_fast {
 namespace {
 
-// exp(x) for float, written so the compiler can vectorise it (Cephes-style
-// range reduction and degree-6 polynomial, about 1 ulp). NaN propagates; the
-// result is flushed to zero below about -87.6 instead of going subnormal.
-LMM_FAST_INLINE float exp_approx(float x) {
-  x = x < -88.0f ? -88.0f : x;
-  x = x > 88.37f ? 88.37f : x;
-  float fx = std::floor(x * 1.44269504088896341f + 0.5f);
-  float r = x - fx * 0.693359375f + fx * 2.12194440e-4f;
-  float r2 = r * r;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r2 + r + 1.0f;
-  int32_t biased = static_cast<int32_t>(fx) + 127;
-  biased = biased < 0 ? 0 : biased;
-  int32_t bits = biased << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-LMM_FAST_INLINE double exp_approx(double x) { return std::exp(x); }
-
-// Eight float lanes through GCC/Clang vector extensions: AVX2 registers in the
-// x86-64-v3 clone, two SSE registers in the baseline one.
-typedef float f32x8 __attribute__((vector_size(32)));
-typedef int32_t i32x8 __attribute__((vector_size(32)));
-
-LMM_FAST_INLINE f32x8 load8(const float* p) {
-  f32x8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-LMM_FAST_INLINE void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-LMM_FAST_INLINE f32x8 splat8(float x) { return f32x8{x, x, x, x, x, x, x, x}; }
-
-// exp_approx on eight lanes; rounding by the 1.5 * 2^23 trick keeps it free
-// of ISA-specific intrinsics.
-LMM_FAST_INLINE f32x8 exp8(f32x8 x) {
-  const f32x8 lo = splat8(-88.0f), hi = splat8(88.37f);
-  x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
-  const f32x8 magic = splat8(12582912.0f);
-  f32x8 fx = (x * splat8(1.44269504088896341f) + magic) - magic;
-  f32x8 r = x - fx * splat8(0.693359375f) + fx * splat8(2.12194440e-4f);
-  f32x8 r2 = r * r;
-  f32x8 p = splat8(1.9875691500e-4f);
-  p = p * r + splat8(1.3981999507e-3f);
-  p = p * r + splat8(8.3334519073e-3f);
-  p = p * r + splat8(4.1665795894e-2f);
-  p = p * r + splat8(1.6666665459e-1f);
-  p = p * r + splat8(5.0000001201e-1f);
-  p = p * r2 + r + splat8(1.0f);
-  i32x8 biased = __builtin_convertvector(fx, i32x8) + 127;
-  const i32x8 zero = {0, 0, 0, 0, 0, 0, 0, 0};
-  biased = biased < zero ? zero : biased;
-  i32x8 bits = biased << 23;
-  f32x8 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
-
-LMM_FAST_INLINE float hmax8(f32x8 v) {
-  float m = v[0];
-  for (int j = 1; j < 8; ++j) m = v[j] > m ? v[j] : m;
-  return m;
-}
-
-LMM_FAST_INLINE float hsum8(f32x8 v) {
-  return ((v[0] + v[1]) + (v[2] + v[3])) + ((v[4] + v[5]) + (v[6] + v[7]));
-}
-
-template <typename T, typename A>
-LMM_FAST_INLINE A row_max(const T* x, int64_t n) {
-  A m = -std::numeric_limits<A>::infinity();
-  for (int64_t i = 0; i < n; ++i) {
-    A v = static_cast<A>(x[i]);
-    m = v > m ? v : m;
-  }
-  return m;
-}
-
-template <>
-LMM_FAST_INLINE float row_max<float, float>(const float* x, int64_t n) {
-  f32x8 a0 = splat8(-std::numeric_limits<float>::infinity()), a1 = a0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    f32x8 v0 = load8(x + i), v1 = load8(x + i + 8);
-    a0 = v0 > a0 ? v0 : a0;
-    a1 = v1 > a1 ? v1 : a1;
-  }
-  a0 = a1 > a0 ? a1 : a0;
-  float m = hmax8(a0);
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
-}
-
-template <typename T, typename A>
-LMM_FAST_INLINE A row_sum_exp(const T* x, int64_t n, A shift) {
-  A s = 0;
-  for (int64_t i = 0; i < n; ++i) s += exp_approx(static_cast<A>(x[i]) - shift);
-  return s;
-}
-
-template <>
-LMM_FAST_INLINE float row_sum_exp<float, float>(const float* x, int64_t n, float shift) {
-  const f32x8 sh = splat8(shift);
-  f32x8 a0 = splat8(0.0f), a1 = a0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    a0 += exp8(load8(x + i) - sh);
-    a1 += exp8(load8(x + i + 8) - sh);
-  }
-  float s = hsum8(a0 + a1);
-  for (; i < n; ++i) s += exp_approx(x[i] - shift);
-  return s;
-}
+using vec::exp8;
+using vec::exp_approx;
+using vec::f32x8;
+using vec::load8;
+using vec::row_max;
+using vec::row_sum_exp;
+using vec::splat8;
+using vec::store8;
 
 // out[t] = scale * exp(x[t] - shift): the bottom level's backward.
 template <typename T, typename A>

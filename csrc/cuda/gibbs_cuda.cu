@@ -1,5 +1,5 @@
 // CUDA kernels of the collapsed Gibbs sampler of group labels (paper Eq. 4) and
-// of the Psi-from-counts update (Eq. 6).
+// of the Psi-from-counts update (Eq. 6, factored as psi_t * psi_scale).
 //
 // Batched sampler: one warp per (image, upper level). The warp reads the
 // level's logits and the image's class row of the class-major counts
@@ -202,8 +202,11 @@ __global__ void __launch_bounds__(kWarp) gibbs_sample_exact_kernel(
   }
 }
 
+// Whole columns of the factored Eq. 6 (see gibbs_refresh_psi_cpu); the thread
+// of a column's row 0 also writes the column's factor.
 template <typename scalar_t>
-__global__ void gibbs_refresh_psi_kernel(scalar_t* __restrict__ psi, const int32_t* __restrict__ counts,
+__global__ void gibbs_refresh_psi_kernel(scalar_t* __restrict__ psi, scalar_t* __restrict__ scale,
+                                         const int32_t* __restrict__ counts,
                                          const int32_t* __restrict__ totals,
                                          const float* __restrict__ beta, double beta0,
                                          const int64_t* __restrict__ columns, int64_t ncols,
@@ -214,10 +217,29 @@ __global__ void gibbs_refresh_psi_kernel(scalar_t* __restrict__ psi, const int32
     const int64_t y = i / ncols;
     const int64_t c = columns[i - y * ncols];
     CUDA_KERNEL_ASSERT(c >= 0 && c < width && "lmm_fast: column out of range");
-    const double numerator = __dadd_rn(static_cast<double>(counts[y * width + c]),
-                                       static_cast<double>(beta[y]));
-    const double denominator = __dadd_rn(static_cast<double>(totals[c]), beta0);
-    psi[y * width + c] = static_cast<scalar_t>(__ddiv_rn(numerator, denominator));
+    psi[y * width + c] = static_cast<scalar_t>(gibbs::psi_numerator(counts[y * width + c], beta[y]));
+    if (y == 0) scale[c] = static_cast<scalar_t>(gibbs::psi_group_scale(totals[c], beta0));
+  }
+}
+
+// Single entries of the factored Eq. 6 (see gibbs_refresh_psi_entries_cpu).
+// Repeated pairs write the same bits, so their order does not matter.
+template <typename scalar_t>
+__global__ void gibbs_refresh_psi_entries_kernel(scalar_t* __restrict__ psi, scalar_t* __restrict__ scale,
+                                                 const int32_t* __restrict__ counts,
+                                                 const int32_t* __restrict__ totals,
+                                                 const float* __restrict__ beta, double beta0,
+                                                 const int64_t* __restrict__ rows,
+                                                 const int64_t* __restrict__ columns, int64_t count,
+                                                 int64_t n, int64_t width) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < count;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t y = rows[i];
+    const int64_t c = columns[i];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < n && "lmm_fast: row out of range");
+    CUDA_KERNEL_ASSERT(c >= 0 && c < width && "lmm_fast: column out of range");
+    psi[y * width + c] = static_cast<scalar_t>(gibbs::psi_numerator(counts[y * width + c], beta[y]));
+    scale[c] = static_cast<scalar_t>(gibbs::psi_group_scale(totals[c], beta0));
   }
 }
 
@@ -298,10 +320,11 @@ at::Tensor gibbs_sample_exact_cuda(const at::Tensor& logits_in, const at::Tensor
   return out;
 }
 
-void gibbs_refresh_psi_cuda(at::Tensor& psi_t, const at::Tensor& counts_t,
+void gibbs_refresh_psi_cuda(at::Tensor& psi_t, at::Tensor& psi_scale, const at::Tensor& counts_t,
                             const at::Tensor& group_totals, const at::Tensor& beta_in,
                             double beta0, const at::Tensor& columns_in) {
-  gibbs::check_refresh_inputs(psi_t, counts_t, group_totals, beta_in, beta0, columns_in);
+  gibbs::check_refresh_inputs(psi_t, psi_scale, counts_t, group_totals, beta_in, beta0);
+  gibbs::check_index_vector(psi_t, columns_in, "columns");
   const c10::cuda::CUDAGuard guard(psi_t.device());
   const at::Tensor columns = columns_in.contiguous();
   const at::Tensor beta = beta_in.contiguous();
@@ -314,9 +337,37 @@ void gibbs_refresh_psi_cuda(at::Tensor& psi_t, const at::Tensor& counts_t,
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_refresh_psi_cuda", [&] {
     gibbs_refresh_psi_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
-        psi_t.data_ptr<scalar_t>(), counts_t.data_ptr<int32_t>(),
+        psi_t.data_ptr<scalar_t>(), psi_scale.data_ptr<scalar_t>(), counts_t.data_ptr<int32_t>(),
         group_totals.data_ptr<int32_t>(), beta.data_ptr<float>(), beta0,
         columns.data_ptr<int64_t>(), ncols, rows, psi_t.size(1));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+void gibbs_refresh_psi_entries_cuda(at::Tensor& psi_t, at::Tensor& psi_scale,
+                                    const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                    const at::Tensor& beta_in, double beta0,
+                                    const at::Tensor& rows_in, const at::Tensor& columns_in) {
+  gibbs::check_refresh_inputs(psi_t, psi_scale, counts_t, group_totals, beta_in, beta0);
+  gibbs::check_index_vector(psi_t, rows_in, "rows");
+  gibbs::check_index_vector(psi_t, columns_in, "columns");
+  TORCH_CHECK(rows_in.numel() == columns_in.numel(), "lmm_fast: rows and columns must have the same "
+              "length, got ", rows_in.numel(), " and ", columns_in.numel());
+  const c10::cuda::CUDAGuard guard(psi_t.device());
+  const at::Tensor rows = rows_in.contiguous();
+  const at::Tensor columns = columns_in.contiguous();
+  const at::Tensor beta = beta_in.contiguous();
+  const int64_t count = rows.numel();
+  if (count == 0) return;
+  constexpr int kThreads = 256;
+  const unsigned blocks = static_cast<unsigned>(
+      std::min<int64_t>((count + kThreads - 1) / kThreads, 65535 * 8));
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_refresh_psi_entries_cuda", [&] {
+    gibbs_refresh_psi_entries_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        psi_t.data_ptr<scalar_t>(), psi_scale.data_ptr<scalar_t>(), counts_t.data_ptr<int32_t>(),
+        group_totals.data_ptr<int32_t>(), beta.data_ptr<float>(), beta0,
+        rows.data_ptr<int64_t>(), columns.data_ptr<int64_t>(), count, psi_t.size(0), psi_t.size(1));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -327,6 +378,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
   m.impl("gibbs_sample", &gibbs_sample_cuda);
   m.impl("gibbs_sample_exact", &gibbs_sample_exact_cuda);
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cuda);
+  m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cuda);
 }
 
 }  // namespace lmm_fast
