@@ -152,11 +152,16 @@ def test_no_subcommand_prints_help_and_usage_errors_exit_2(capsys):
 
 
 def test_python_dash_m_entry_point(files):
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # The package this test imported (installed, or an in-place build): a
+    # subprocess run from the checkout would import the bare source folder.
+    import lmm_fast
+
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    env = dict(os.environ, PYTHONPATH=package_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
     result = subprocess.run(
         [sys.executable, "-m", "lmm_fast", "hierarchy", "--means", str(files / "M.npy"), "--levels", "3,12",
          "-o", str(files / "sub.json")],
-        capture_output=True, text=True, env=env, timeout=120,
+        capture_output=True, text=True, env=env, timeout=120, cwd=str(files),
     )
     assert result.returncode == 0, result.stderr
     assert "level 2:" in result.stdout
