@@ -15,7 +15,6 @@ import torch
 from lmm_fast.cli import main
 from lmm_fast.hierarchy import Hierarchy
 
-REPO = Path(__file__).resolve().parents[1]
 NUM_CLASSES = 60
 
 
