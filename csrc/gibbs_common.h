@@ -221,11 +221,14 @@ LMM_FAST_HOST_DEVICE uint64_t label_draw(uint64_t seed, uint64_t step, uint64_t 
 }  // namespace lmm_fast
 
 // ---------------------------------------------------------------- host checks
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
 #include <vector>
 
 namespace lmm_fast {
@@ -374,6 +377,351 @@ inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index,
               " must be a 1-D int64 tensor, got ", index.scalar_type(), " of shape ", index.sizes());
   TORCH_CHECK(index.device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
               psi_t.device(), ", got ", name, " on ", index.device());
+}
+
+
+// ------------------------------------------- owners of the non-overlapping Psi
+// State of one upper level under the constraint (paper Table I, "TC"):
+//   owner [N] int64       owner(y) = argmax_t Eq6[t, y], lowest t on exact ties
+//   numerator [N] float64 Omega[owner(y), y] + beta_y (psi_numerator)
+//   kept [N_l] int64      classes owned by each group
+//   nonzero [N_l, ceil(N / 64)] int64: bit y of row t set iff Omega[t, y] > 0,
+//                         so a group's classes with images are found by
+//                         scanning N / 8 bytes instead of its N counts
+//   bound [N] float64     at least the value of every group but the owner
+//                         (an upper bound of the runner-up, not a function of
+//                         the counts: it only spares rescans)
+// and the factored Psi it implies: psi_t[y, t] = Omega[t, y] + beta_y where t
+// owns y or t owns no class (such a group keeps its Eq. 6 row), else 0;
+// psi_scale[t] = 1 / sum_{y owned by t} numerator[y], or 1 / (n_t + beta0) for
+// a group that owns nothing.
+inline void check_update_owners_inputs(const at::Tensor& psi_t, const at::Tensor& psi_scale,
+                                       const at::Tensor& owner, const at::Tensor& numerator,
+                                       const at::Tensor& kept, const at::Tensor& nonzero,
+                                       const at::Tensor& bound, const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                       const at::Tensor& beta, double beta0, int64_t offset,
+                                       int64_t size, const at::Tensor& classes,
+                                       const at::Tensor& old_groups, const at::Tensor& new_groups) {
+  check_refresh_inputs(psi_t, psi_scale, counts_t, group_totals, beta, beta0);
+  const int64_t n = psi_t.size(0);
+  TORCH_CHECK(size > 0 && offset >= 0 && offset + size <= psi_t.size(1), "lmm_fast: level columns [",
+              offset, ", ", offset + size, ") must lie within psi_t's ", psi_t.size(1), " columns");
+  const int64_t words = (n + 63) / 64;
+  struct Spec { const at::Tensor* t; const char* name; at::ScalarType dtype; std::vector<int64_t> shape; };
+  const Spec specs[] = {{&owner, "owner", at::kLong, {n}},
+                        {&numerator, "numerator", at::kDouble, {n}},
+                        {&kept, "kept", at::kLong, {size}},
+                        {&nonzero, "nonzero", at::kLong, {size, words}},
+                        {&bound, "bound", at::kDouble, {n}}};
+  for (const auto& s : specs) {
+    TORCH_CHECK(s.t->scalar_type() == s.dtype && s.t->sizes().vec() == s.shape && s.t->is_contiguous(),
+                "lmm_fast: ", s.name, " must be a contiguous ", s.dtype, " tensor of shape ",
+                c10::IntArrayRef(s.shape), ", got ", s.t->scalar_type(), " of shape ", s.t->sizes());
+    TORCH_CHECK(s.t->device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
+                psi_t.device(), ", got ", s.name, " on ", s.t->device());
+  }
+  check_index_vector(psi_t, classes, "classes");
+  check_index_vector(psi_t, old_groups, "old_groups");
+  check_index_vector(psi_t, new_groups, "new_groups");
+  TORCH_CHECK(classes.numel() == old_groups.numel() && classes.numel() == new_groups.numel(),
+              "lmm_fast: classes, old_groups and new_groups must have the same length, got ",
+              classes.numel(), ", ", old_groups.numel(), " and ", new_groups.numel());
+}
+
+// The update itself, on host memory (the CPU kernel, and the CUDA fallback on
+// host copies). full: rebuild the level's state and block of Psi from the
+// counts; else the counts changed exactly at the m moves (class cls[i] from
+// level-local group olds[i] to news[i]) since the state was last updated.
+//
+// Incremental argument (the result equals a rebuild bit for bit): let C be
+// the groups of the moves, D those of C whose n_t fell. A group outside C
+// kept its value for every class; a group of C whose n_t did not fall and
+// whose count of y did not change did not gain value for y. Both lost to the
+// old owner o before, so they still lose to o unless o's own value fell
+// (o in C): only those classes are rescanned over all N_l groups. Every other
+// class's new owner is the best of o, its moves' groups, the groups of D in
+// which it has images (the bitmap), and the group of D with the fewest images
+// (lowest index on ties), which beats every group of D where the class has
+// none (there its value is beta_y / (n_t + beta0)).
+// Values are (Omega + beta) / (n + beta0) in float64, exactly the reference's
+// expression, so that ties are seen as ties everywhere.
+template <typename scalar_t>
+void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* numerator,
+                        int64_t* kept, uint64_t* bits, double* bound, const int32_t* counts,
+                        const int32_t* totals, const float* beta, double beta0, int64_t n,
+                        int64_t width, int64_t offset, int64_t size, const int64_t* cls,
+                        const int64_t* olds, const int64_t* news, int64_t m, bool full) {
+  if (!full && m == 0) return;
+  // The incremental argument below also relies on distinct totals giving
+  // distinct values (see `sparse`): rebuild when beta0 is that large.
+  if (beta0 >= 1099511627776.0) full = true;
+  const int64_t words = (n + 63) / 64;
+  const int32_t* level_counts = counts + offset;
+  std::vector<double> den(size);
+  for (int64_t t = 0; t < size; ++t) den[t] = dadd_rn(static_cast<double>(totals[offset + t]), beta0);
+  auto count_of = [&](int64_t y, int64_t t) { return level_counts[y * width + t]; };
+  auto value = [&](int64_t y, int64_t t) { return ddiv_rn(psi_numerator(count_of(y, t), beta[y]), den[t]); };
+  auto has_images = [&](int64_t t, int64_t y) { return (bits[t * words + (y >> 6)] >> (y & 63)) & 1u; };
+  auto set_bit = [&](int64_t t, int64_t y, bool on) {
+    uint64_t& w = bits[t * words + (y >> 6)];
+    const uint64_t mask = uint64_t(1) << (y & 63);
+    w = on ? (w | mask) : (w & ~mask);
+  };
+  // argmax over the level's groups, first maximum. Where Omega[t, y] = 0 the
+  // value beta_y / (n_t + beta0) is largest in the group with the fewest
+  // images (lowest index on ties), so only that group and those where the
+  // class has images (a scan of its row of counts, no division) are
+  // compared. That needs distinct totals to give distinct values, true for
+  // beta0 < 2^40 (the gap between n + beta0 and n + 1 + beta0 is then far
+  // above double rounding); beyond, every group is compared.
+  const bool sparse = beta0 < 1099511627776.0;
+  int64_t fewest_all = 0;
+  for (int64_t t = 1; t < size; ++t) {
+    if (totals[offset + t] < totals[offset + fewest_all]) fewest_all = t;
+  }
+  // Also sets bound[y] to at least the value of every other group (the
+  // runner-up; for the groups not compared, their common upper bound
+  // beta_y / (n_fewest + beta0)).
+  auto rescan = [&](int64_t y, double& best) {
+    const int64_t first = sparse ? fewest_all : 0;
+    int64_t arg = first;
+    best = value(y, arg);
+    double second = sparse ? ddiv_rn(psi_numerator(0, beta[y]), den[fewest_all])
+                           : -std::numeric_limits<double>::infinity();
+    const int32_t* row = level_counts + y * width;
+    for (int64_t t = 0; t < size; ++t) {
+      if ((sparse && row[t] == 0) || t == first) continue;
+      const double v = value(y, t);
+      if (v > best || (v == best && t < arg)) {
+        second = std::max(second, best);
+        best = v;
+        arg = t;
+      } else {
+        second = std::max(second, v);
+      }
+    }
+    bound[y] = second;
+    return arg;
+  };
+  std::vector<int64_t> switched;     // classes whose owner changed
+  std::vector<int64_t> previous;     // and their owner before the update
+  std::vector<int64_t> new_kept(size, 0);
+  if (full) {
+    std::fill(bits, bits + size * words, uint64_t(0));
+    for (int64_t y = 0; y < n; ++y) {
+      double best;
+      owner[y] = rescan(y, best);
+      numerator[y] = psi_numerator(count_of(y, owner[y]), beta[y]);
+      for (int64_t t = 0; t < size; ++t) {
+        if (count_of(y, t) != 0) set_bit(t, y, true);
+      }
+    }
+  } else {
+    std::vector<int32_t> delta(size, 0);
+    std::vector<char> in_changed(size, 0);
+    std::vector<int64_t> changed;
+    for (int64_t i = 0; i < m; ++i) {
+      for (const int64_t t : {olds[i], news[i]}) {
+        if (!in_changed[t]) {
+          in_changed[t] = 1;
+          changed.push_back(t);
+        }
+        set_bit(t, cls[i], count_of(cls[i], t) != 0);
+      }
+      delta[olds[i]] -= 1;
+      delta[news[i]] += 1;
+    }
+    int64_t fewest = -1;
+    for (const int64_t t : changed) {
+      if (delta[t] < 0 && (fewest < 0 || totals[offset + t] < totals[offset + fewest] ||
+                           (totals[offset + t] == totals[offset + fewest] && t < fewest))) {
+        fewest = t;
+      }
+    }
+    std::vector<double> inv_den(size);
+    for (int64_t t = 0; t < size; ++t) inv_den[t] = 1.0 / den[t];
+    constexpr double kMargin = 1.0 - 1.0 / 1099511627776.0;
+    std::vector<char> touched(n, 0);
+    for (int64_t i = 0; i < m; ++i) touched[cls[i]] = 1;
+    // Scratch reused across calls (no allocation and page faults per step);
+    // every entry is written by the first pass over the classes.
+    thread_local std::vector<double> best_value_buffer;
+    thread_local std::vector<int64_t> best_group_buffer;
+    if (static_cast<int64_t>(best_value_buffer.size()) < n) {
+      best_value_buffer.resize(n);
+      best_group_buffer.resize(n);
+    }
+    double* best_value = best_value_buffer.data();
+    int64_t* best_group = best_group_buffer.data();
+    // Keeps bound[y] above every group but the current best: a group that
+    // loses raises it, a best that is beaten does.
+    auto challenge = [&](int64_t y, int64_t t, double v) {
+      if (t == best_group[y]) return;
+      if (best_value[y] < 0.0) best_value[y] = ddiv_rn(numerator[y], den[best_group[y]]);
+      if (v > best_value[y] || (v == best_value[y] && t < best_group[y])) {
+        bound[y] = std::max(bound[y], best_value[y]);
+        best_value[y] = v;
+        best_group[y] = t;
+      } else {
+        bound[y] = std::max(bound[y], v);
+      }
+    };
+    for (int64_t y = 0; y < n; ++y) {
+      const int64_t o = owner[y];
+      double own;
+      if (in_changed[o]) {
+        const double now = touched[y] ? psi_numerator(count_of(y, o), beta[y]) : numerator[y];
+        own = ddiv_rn(now, den[o]);
+        const double before =
+            ddiv_rn(numerator[y], dadd_rn(static_cast<double>(totals[offset + o] - delta[o]), beta0));
+        // Its value fell: it still beats every group that did not gain
+        // value if it beats their bound, the old runner-up (strictly, as the
+        // bound knows no indices); else rescan.
+        if (own < before && !(own > bound[y])) {
+          best_group[y] = rescan(y, best_value[y]);
+          continue;
+        }
+      } else {
+        // An owner outside C kept its value. Most classes are beyond the
+        // reach of `fewest` even with no image there: a product with
+        // 1 / den (within a few ulps of the quotient) shows it with a 2^-40
+        // margin, and the exact value is then formed only if a challenger
+        // asks for it (best_value < 0: the owner's, not yet formed; values
+        // are positive).
+        best_group[y] = o;
+        if (fewest < 0 || static_cast<double>(beta[y]) * inv_den[fewest] <
+                              std::min(bound[y], numerator[y] * inv_den[o]) * kMargin) {
+          best_value[y] = -1.0;
+          continue;
+        }
+        own = ddiv_rn(numerator[y], den[o]);
+      }
+      best_value[y] = own;
+      best_group[y] = o;
+      if (fewest >= 0) {
+        const int32_t c = has_images(fewest, y) ? count_of(y, fewest) : 0;
+        challenge(y, fewest, ddiv_rn(psi_numerator(c, beta[y]), den[fewest]));
+        // the groups of D where the class has no image, which lose to `fewest`
+        bound[y] = std::max(bound[y], ddiv_rn(psi_numerator(0, beta[y]), den[fewest]));
+      }
+    }
+    // A rescanned class already holds its argmax, which these cannot beat.
+    for (int64_t i = 0; i < m; ++i) {
+      challenge(cls[i], olds[i], value(cls[i], olds[i]));
+      challenge(cls[i], news[i], value(cls[i], news[i]));
+    }
+    for (const int64_t t : changed) {
+      if (delta[t] >= 0) continue;
+      const uint64_t* row = bits + t * words;
+      for (int64_t w = 0; w < words; ++w) {
+        uint64_t word = row[w];
+        while (word) {
+          const int64_t y = w * 64 + __builtin_ctzll(word);
+          word &= word - 1;
+          challenge(y, t, value(y, t));
+        }
+      }
+    }
+    for (int64_t y = 0; y < n; ++y) {
+      const int64_t g = best_group[y];
+      if (g != owner[y]) {
+        switched.push_back(y);
+        previous.push_back(owner[y]);
+        owner[y] = g;
+        numerator[y] = psi_numerator(count_of(y, g), beta[y]);
+      } else if (touched[y]) {
+        numerator[y] = psi_numerator(count_of(y, g), beta[y]);
+      }
+    }
+  }
+  // Normalisers summed in class order in full and incremental updates alike,
+  // so both give the same bits.
+  std::vector<double> normaliser(size, 0.0);
+  for (int64_t y = 0; y < n; ++y) {
+    new_kept[owner[y]] += 1;
+    normaliser[owner[y]] = dadd_rn(normaliser[owner[y]], numerator[y]);
+  }
+  auto entry = [&](int64_t y, int64_t t) {
+    psi[y * width + offset + t] = (owner[y] == t || new_kept[t] == 0)
+                                      ? static_cast<scalar_t>(psi_numerator(count_of(y, t), beta[y]))
+                                      : scalar_t(0);
+  };
+  if (full) {
+    for (int64_t y = 0; y < n; ++y) {
+      for (int64_t t = 0; t < size; ++t) entry(y, t);
+    }
+  } else {
+    for (int64_t i = 0; i < m; ++i) {
+      entry(cls[i], olds[i]);
+      entry(cls[i], news[i]);
+    }
+    for (size_t i = 0; i < switched.size(); ++i) {
+      entry(switched[i], previous[i]);
+      entry(switched[i], owner[switched[i]]);
+    }
+    // a group that starts or stops owning classes changes its whole column
+    for (int64_t t = 0; t < size; ++t) {
+      if ((kept[t] == 0) != (new_kept[t] == 0)) {
+        for (int64_t y = 0; y < n; ++y) entry(y, t);
+      }
+    }
+  }
+  for (int64_t t = 0; t < size; ++t) {
+    scale[offset + t] = static_cast<scalar_t>(
+        new_kept[t] != 0 ? ddiv_rn(1.0, normaliser[t]) : psi_group_scale(totals[offset + t], beta0));
+    kept[t] = new_kept[t];
+  }
+}
+
+// The update on CPU tensors (checked with check_update_owners_inputs; indices
+// are validated here before anything is written).
+inline void update_owners_on_host(at::Tensor& psi_t, at::Tensor& psi_scale, at::Tensor& owner,
+                                  at::Tensor& numerator, at::Tensor& kept, at::Tensor& nonzero,
+                                  at::Tensor& bound,
+                                  const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                  const at::Tensor& beta_in, double beta0, int64_t offset,
+                                  int64_t size, const at::Tensor& classes_in,
+                                  const at::Tensor& old_in, const at::Tensor& new_in, bool full) {
+  const at::Tensor beta = beta_in.contiguous();
+  const at::Tensor classes = classes_in.contiguous();
+  const at::Tensor olds = old_in.contiguous();
+  const at::Tensor news = new_in.contiguous();
+  const int64_t n = psi_t.size(0);
+  const int64_t m = full ? 0 : classes.numel();
+  const int64_t* c = classes.data_ptr<int64_t>();
+  const int64_t* o = olds.data_ptr<int64_t>();
+  const int64_t* w = news.data_ptr<int64_t>();
+  for (int64_t i = 0; i < m; ++i) {
+    TORCH_CHECK(c[i] >= 0 && c[i] < n, "lmm_fast: classes[", i, "] = ", c[i], " is out of range [0, ", n, ")");
+    TORCH_CHECK(o[i] >= 0 && o[i] < size && w[i] >= 0 && w[i] < size, "lmm_fast: old_groups[", i, "] = ",
+                o[i], " or new_groups[", i, "] = ", w[i], " is out of range [0, ", size, ")");
+  }
+  // Entries with old == new are no moves (the caller may pass every image of
+  // the batch); dropping them keeps their groups out of the changed set.
+  std::vector<int64_t> moved_cls, moved_old, moved_new;
+  for (int64_t i = 0; i < m; ++i) {
+    if (o[i] == w[i]) continue;
+    moved_cls.push_back(c[i]);
+    moved_old.push_back(o[i]);
+    moved_new.push_back(w[i]);
+  }
+  if (!full && moved_cls.empty()) return;
+  if (!full) {
+    const int64_t* own = owner.data_ptr<int64_t>();
+    for (int64_t y = 0; y < n; ++y) {
+      TORCH_CHECK(own[y] >= 0 && own[y] < size, "lmm_fast: owner[", y, "] = ", own[y],
+                  " is out of range [0, ", size, "): the state was never built (full=True)");
+    }
+  }
+  AT_DISPATCH_FLOATING_TYPES(psi_t.scalar_type(), "gibbs_update_owners", [&] {
+    update_owners_host<scalar_t>(
+        psi_t.data_ptr<scalar_t>(), psi_scale.data_ptr<scalar_t>(), owner.data_ptr<int64_t>(),
+        numerator.data_ptr<double>(), kept.data_ptr<int64_t>(),
+        reinterpret_cast<uint64_t*>(nonzero.data_ptr<int64_t>()), bound.data_ptr<double>(), counts_t.data_ptr<int32_t>(),
+        group_totals.data_ptr<int32_t>(), beta.data_ptr<float>(), beta0, n, psi_t.size(1), offset,
+        size, moved_cls.data(), moved_old.data(), moved_new.data(),
+        static_cast<int64_t>(moved_cls.size()), full);
+  });
 }
 
 }  // namespace gibbs

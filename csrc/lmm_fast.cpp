@@ -65,6 +65,20 @@ TORCH_LIBRARY(lmm_fast, m) {
   m.def(
       "gibbs_refresh_psi_entries(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor counts_t, "
       "Tensor group_totals, Tensor beta, float beta0, Tensor rows, Tensor columns) -> ()");
+  // Non-overlapping Psi of one upper level (columns [offset, offset + size)):
+  // updates the level's owner state (owner [N] int64: best group of each
+  // class, lowest on ties; numerator [N] float64: Omega[owner, y] + beta_y;
+  // kept [size] int64: classes owned per group; nonzero [size, ceil(N/64)]
+  // int64: bitmap of Omega[t, y] > 0; bound [N] float64: an upper bound of
+  // each class's runner-up value) and psi_t / psi_scale in place after
+  // the counts changed at the moves classes[i]: old_groups[i] -> new_groups[i]
+  // (level-local; entries with old == new are ignored). full: rebuild all of
+  // it from the counts instead.
+  m.def(
+      "gibbs_update_owners(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor(c!) owner, "
+      "Tensor(d!) numerator, Tensor(e!) kept, Tensor(f!) nonzero, Tensor(g!) bound, Tensor counts_t, "
+      "Tensor group_totals, Tensor beta, float beta0, int offset, int size, Tensor classes, "
+      "Tensor old_groups, Tensor new_groups, bool full) -> ()");
   // Class probabilities sum_l theta_l softmax(a^l) Psi^l [B, N] for a tree
   // Psi (at most one non-zero per column and level), given level-major as
   // group_index [L-1, N] (int32 group of each class) and group_value [L-1, N]

@@ -13,7 +13,8 @@ from torch import Tensor
 
 from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
 
-__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries"]
+__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
+           "gibbs_update_owners"]
 
 
 def gibbs_sample(
@@ -137,6 +138,59 @@ def gibbs_refresh_psi_entries(
     _written(psi_t, psi_scale)
 
 
+def gibbs_update_owners(
+    psi_t: Tensor,
+    psi_scale: Tensor,
+    owner: Tensor,
+    numerator: Tensor,
+    kept: Tensor,
+    nonzero: Tensor,
+    bound: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    offset: int,
+    size: int,
+    classes: Tensor,
+    old_groups: Tensor,
+    new_groups: Tensor,
+    full: bool = False,
+) -> None:
+    """The non-overlapping ("TC") Ψ of one upper level, its columns
+    ``[offset, offset + size)``, and the owner state behind it, in place.
+
+    ``psi_t[y, t] = Ω[t, y] + β_y`` where group ``t`` owns class ``y``
+    (``owner(y) = argmax_t`` of Eq. 6, the lowest ``t`` on exact ties) or owns
+    no class at all (it keeps its Eq. 6 row), else 0; ``psi_scale[t] = 1 /
+    Σ_{y owned by t} (Ω[t, y] + β_y)``, or ``1 / (n_t + β_0)`` for a group that
+    owns nothing.
+
+    State (all updated in place, on ``psi_t``'s device): ``owner`` ``[N]``
+    int64; ``numerator`` ``[N]`` float64 (``Ω[owner(y), y] + β_y``); ``kept``
+    ``[size]`` int64 (classes owned per group); ``nonzero``
+    ``[size, ceil(N / 64)]`` int64, bit ``y`` of row ``t`` set iff
+    ``Ω[t, y] > 0``; ``bound`` ``[N]`` float64, at least the Eq. 6 value of
+    every group but the owner (it spares the rescan of a class whose owner
+    lost value but still beats it; not a function of the counts alone).
+
+    ``full=True`` rebuilds the state and the level's block of Ψ from the
+    counts (the moves are ignored). Otherwise the counts changed exactly by
+    the moves ``classes[i]``: ``old_groups[i] → new_groups[i]`` (``[M]`` int64,
+    level-local groups, each an image's label change) since the state was last
+    updated (entries with ``old_groups[i] == new_groups[i]`` are ignored),
+    and only the affected classes and groups are read and written;
+    the result equals a full rebuild bit for bit.
+
+    On CUDA this runs the CPU algorithm on host copies (correct, not fast).
+    """
+    torch.ops.lmm_fast.gibbs_update_owners.default(
+        psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
+        int(offset), int(size), classes, old_groups, new_groups, bool(full),
+    )
+    _written(psi_t, psi_scale)
+
+
 def _written(*tensors: Tensor) -> None:
     # The C++ ops write through raw pointers, which does not bump the tensors'
     # version counters; the loss's caches (effective Ψ, tree index) are keyed
@@ -168,4 +222,10 @@ def _gibbs_refresh_psi_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta
 
 @torch.library.register_fake("lmm_fast::gibbs_refresh_psi_entries")
 def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta0, rows, columns):
+    return None
+
+
+@torch.library.register_fake("lmm_fast::gibbs_update_owners")
+def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals,
+                              beta, beta0, offset, size, classes, old_groups, new_groups, full):
     return None

@@ -98,6 +98,11 @@ class GibbsAdapter:
     every later step only the groups whose counts changed.
     """
 
+    # The non-overlapping owner update as one fused op per level (True), or
+    # as the earlier sequence of torch ops (False; kept as an independent
+    # implementation the tests compare the op with). Set before the first step.
+    _fused_owner_update = True
+
     def __init__(
         self,
         loss_fn,
@@ -171,9 +176,11 @@ class GibbsAdapter:
         self._offsets_t = torch.tensor(self.offsets, dtype=torch.long, device=device)
         self.counts_t = torch.zeros(n, self.upper_width, dtype=torch.int32, device=device)
         self.group_totals = torch.zeros(self.upper_width, dtype=torch.int32, device=device)
-        # The non-overlapping update compares every class's value in each
-        # changed group: a group-major copy of Ω makes those reads contiguous
-        # (the class-major one serves the sampler). Kept only when needed.
+        # The torch-op implementation of the non-overlapping update (the
+        # fused gibbs_update_owners op is the default) compares every class's
+        # value in each changed group: a group-major copy of Ω makes those
+        # reads contiguous (the class-major one serves the sampler). Kept only
+        # for that implementation.
         self._counts_g: Tensor | None = None
         self._recount()
         self._psi_synced = False
@@ -182,8 +189,17 @@ class GibbsAdapter:
         # loss load_state_dict, .to()) breaks the factored form the
         # incremental updates maintain, and the next step then rebuilds Ψ.
         self._psi_key: tuple | None = None
+        # Owner state of the constraint, per upper level: owner [N] int64 and,
+        # for the fused op, numerator [N] float64, kept [N_l] int64 and the
+        # nonzero bitmap [N_l, ceil(N/64)] int64, bound [N] float64 (see
+        # gibbs_update_owners);
+        # for the torch-op path, empty [N_l] bool and own_value [N] float64.
         self._owner: list[Tensor] | None = None
-        self._empty: list[Tensor] | None = None
+        self._numerator: list[Tensor] | None = None
+        self._kept: list[Tensor] | None = None
+        self._nonzero: list[Tensor] | None = None
+        self._bound: list[Tensor] | None = None
+        self._empty_python: list[Tensor] | None = None
         self._own_value: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
@@ -219,7 +235,18 @@ class GibbsAdapter:
         ones = torch.ones(cols.numel(), dtype=torch.int32, device=cols.device)
         self.counts_t.index_put_((rows.reshape(-1), cols.reshape(-1)), ones, accumulate=True)
         self.group_totals.index_add_(0, cols.reshape(-1), ones)
-        self._counts_g = self.counts_t.t().contiguous() if self.non_overlapping else None
+        self._counts_g = self._group_major()
+
+    def _group_major(self) -> Tensor | None:
+        return (self.counts_t.t().contiguous()
+                if self.non_overlapping and not self._fused_owner_update else None)
+
+    @property
+    def _empty(self) -> list[Tensor] | None:
+        """Per upper level, ``[N_l]`` bool: the groups that own no class (constraint only)."""
+        if self._kept is not None:
+            return [k == 0 for k in self._kept]
+        return self._empty_python
 
     def _move_group_major(self, target: Tensor, old: Tensor, new: Tensor) -> None:
         if self._counts_g is None:
@@ -265,10 +292,9 @@ class GibbsAdapter:
             setattr(self, name, getattr(self, name).to(device))
         if self._counts_g is not None:
             self._counts_g = self._counts_g.to(device)
-        if self._owner is not None:
-            self._owner = [o.to(device) for o in self._owner]
-            self._empty = [e.to(device) for e in self._empty]
-            self._own_value = [v.to(device) for v in self._own_value]
+        for name in ("_owner", "_numerator", "_kept", "_nonzero", "_bound", "_empty_python", "_own_value"):
+            if getattr(self, name) is not None:
+                setattr(self, name, [t.to(device) for t in getattr(self, name)])
         return self
 
     def _check_devices(self, **tensors: Tensor) -> None:
@@ -411,11 +437,17 @@ class GibbsAdapter:
         moved = old != new
         if not bool(moved.any()):
             return
+        self._check_devices()
+        if self.non_overlapping and self._fused_owner_update:
+            # one op per level; it skips the images whose label did not move
+            for level in range(len(self.level_sizes)):
+                self._update_owners(level, target, old[:, level], new[:, level])
+            self._psi_key = self._current_psi_key()
+            return
         # Ω changed only at the (class, group) pairs of the moved labels.
         rows = target[:, None].expand_as(old)[moved]
         rows = torch.cat([rows, rows])
         cols = torch.cat([(old + self._offsets_t)[moved], (new + self._offsets_t)[moved]])
-        self._check_devices()
         if not self.non_overlapping:
             # psi_t[y, t] = Ω[t, y] + β_y changes only at those pairs and
             # psi_scale[t] = 1 / (n_t + β_0) only for their groups.
@@ -541,8 +573,21 @@ class GibbsAdapter:
         it on the first step (and if something else wrote the loss's Ψ since
         the adapter's last update); afterwards it updates only what changed."""
         self._check_devices()
-        if self.non_overlapping:
-            self._owner, self._empty, self._own_value = [], [], []
+        if self.non_overlapping and self._fused_owner_update:
+            n, dev = self.num_classes, self.device
+            self._owner = [torch.zeros(n, dtype=torch.long, device=dev) for _ in self.level_sizes]
+            self._numerator = [torch.zeros(n, dtype=torch.float64, device=dev) for _ in self.level_sizes]
+            self._kept = [torch.zeros(k, dtype=torch.long, device=dev) for k in self.level_sizes]
+            self._nonzero = [torch.zeros(k, (n + 63) // 64, dtype=torch.long, device=dev)
+                             for k in self.level_sizes]
+            self._bound = [torch.zeros(n, dtype=torch.float64, device=dev) for _ in self.level_sizes]
+            none = torch.empty(0, dtype=torch.long, device=dev)
+            for level in range(len(self.level_sizes)):
+                self._update_owners(level, none, none, none, full=True)
+        elif self.non_overlapping:
+            if self._counts_g is None:
+                self._counts_g = self._group_major()
+            self._owner, self._empty_python, self._own_value = [], [], []
             for level in range(len(self.level_sizes)):
                 self._refresh_level_tc(level, None, None)
         else:
@@ -551,6 +596,14 @@ class GibbsAdapter:
                                          self.group_totals, self.beta, self.beta0, columns)
         self._psi_synced = True
         self._psi_key = self._current_psi_key()
+
+    def _update_owners(self, level: int, classes: Tensor, old: Tensor, new: Tensor, full: bool = False) -> None:
+        _gibbs_ops.gibbs_update_owners(
+            self.loss_fn.psi_t, self.loss_fn.psi_scale, self._owner[level], self._numerator[level],
+            self._kept[level], self._nonzero[level], self._bound[level], self.counts_t, self.group_totals,
+            self.beta, self.beta0,
+            self.offsets[level], self.level_sizes[level], classes, old, new, full,
+        )
 
     def _eq6(self, counts: Tensor, beta: Tensor, columns: Tensor) -> Tensor:
         """Eq. 6 in float64 for gathered counts ``[R, C]``, the β ``[R]`` of
@@ -652,10 +705,10 @@ class GibbsAdapter:
             refill = empty.nonzero().flatten()
             entry_rows, entry_columns = classes, owner_columns
             self._owner.append(owner)
-            self._empty.append(empty)
+            self._empty_python.append(empty)
             self._own_value.append(own_value)
         else:
-            previous, was_empty = self._owner[level], self._empty[level]
+            previous, was_empty = self._owner[level], self._empty_python[level]
             filled = (was_empty & ~empty).nonzero().flatten()
             if filled.numel():
                 block_view.index_fill_(1, filled, 0)
@@ -668,7 +721,7 @@ class GibbsAdapter:
             entry_rows = torch.cat([left, pair_rows[live]])
             entry_columns = torch.cat([owner_columns[left], pair_groups[live] + offset])
             self._owner[level] = owner
-            self._empty[level] = empty
+            self._empty_python[level] = empty
             self._own_value[level] = own_value
         if refill.numel():
             _gibbs_ops.gibbs_refresh_psi(psi_t, psi_scale, self.counts_t, self.group_totals, self.beta,
@@ -744,10 +797,11 @@ class GibbsAdapter:
         self.beta0 = float(state["beta0"])
         self.prior = state.get("prior", self.prior)
         self.non_overlapping = bool(state["non_overlapping"])
-        self._counts_g = self.counts_t.t().contiguous() if self.non_overlapping else None
+        self._counts_g = self._group_major()
         self.seed = int(state["seed"])
         self.step_count = int(state["step"])
-        self._owner = self._empty = self._own_value = None
+        self._owner = self._numerator = self._kept = self._nonzero = self._bound = None
+        self._empty_python = self._own_value = None
         self._psi_synced = False
         if state["psi_synced"]:
             self.refresh_psi()

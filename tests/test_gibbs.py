@@ -368,6 +368,140 @@ def test_opcheck():
                           (psi_t, psi_scale, d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
                            torch.tensor([0, 10, 10]), torch.tensor([9, 2, 2])))
 
+    state = owner_state(11, [3, 7])
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_update_owners.default,
+                          (psi_t, psi_scale, *state[1], d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
+                           3, 7, torch.tensor([2]), torch.tensor([1]), torch.tensor([4]), True))
+    ops.gibbs_update_owners(psi_t, psi_scale, *state[1], d["counts_t"], d["group_totals"], d["beta"],
+                            d["beta0"], 3, 7, torch.tensor([2]), torch.tensor([1]), torch.tensor([4]), full=True)
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_update_owners.default,
+                          (psi_t, psi_scale, *state[1], d["counts_t"], d["group_totals"], d["beta"], d["beta0"],
+                           3, 7, torch.tensor([2, 0]), torch.tensor([1, 6]), torch.tensor([4, 6]), False))
+
+
+def owner_state(n, sizes):
+    """Empty owner state of every upper level for gibbs_update_owners."""
+    states = [(torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.float64),
+               torch.zeros(k, dtype=torch.long), torch.zeros(k, (n + 63) // 64, dtype=torch.long),
+               torch.zeros(n, dtype=torch.float64))
+              for k in sizes]
+    return states
+
+
+@pytest.mark.parametrize("n,sizes,beta_kind", [(23, [4, 9], "vector"), (70, [3, 31], "constant"),
+                                                (130, [2, 50], "constant")])
+def test_update_owners_incremental_equals_rebuild_and_reference(n, sizes, beta_kind):
+    # Random moves (many, few, none; constant β makes exact ties common, and
+    # small images counts empty groups): after every call the incremental
+    # state and Ψ equal a rebuild bit for bit, and Ψ equals the reference.
+    gen = torch.Generator().manual_seed(n)
+    full_sizes = sizes + [n]
+    classes, labels, counts_t, totals = consistent_state(gen, full_sizes, 3 * n)
+    beta = 0.1 + torch.rand(n, generator=gen) if beta_kind == "vector" else torch.full((n,), 0.5)
+    beta0 = float(beta.double().sum())
+    width = sum(sizes)
+    offsets = [0, sizes[0]]
+    psi_t, psi_scale = torch.full((n, width), -1.0), torch.full((width,), -1.0)
+    states = owner_state(n, sizes)
+    none = torch.empty(0, dtype=torch.long)
+    for level, k in enumerate(sizes):
+        ops.gibbs_update_owners(psi_t, psi_scale, *states[level], counts_t, totals, beta, beta0, offsets[level], k,
+                                none, none, none, full=True)
+    for step in range(30):
+        batch = [0, 1, 3, 40, classes.numel()][step % 5]
+        idx = torch.randperm(classes.numel(), generator=gen)[:batch]
+        old = labels[idx].clone()
+        new = old.clone()
+        for level, k in enumerate(sizes):
+            # bias towards low groups so that some groups empty and refill
+            new[:, level] = torch.randint(0, max(1, k // (1 + step % 3)), (batch,), generator=gen)
+        y = classes[idx]
+        for level, k in enumerate(sizes):
+            cols_old, cols_new = old[:, level] + offsets[level], new[:, level] + offsets[level]
+            counts_t.index_put_((y, cols_old), torch.full_like(y, -1, dtype=torch.int32), accumulate=True)
+            counts_t.index_put_((y, cols_new), torch.ones_like(y, dtype=torch.int32), accumulate=True)
+            totals.index_add_(0, cols_old, torch.full_like(y, -1, dtype=torch.int32))
+            totals.index_add_(0, cols_new, torch.ones_like(y, dtype=torch.int32))
+        labels[idx] = new
+        for level, k in enumerate(sizes):
+            moved = old[:, level] != new[:, level]
+            ops.gibbs_update_owners(psi_t, psi_scale, *states[level], counts_t, totals, beta, beta0, offsets[level],
+                                    k, y[moved], old[moved, level], new[moved, level])
+        rebuilt_psi, rebuilt_scale = torch.full_like(psi_t, -1.0), torch.full_like(psi_scale, -1.0)
+        for level, k in enumerate(sizes):
+            fresh = [t.clone().fill_(-7) for t in owner_state(n, sizes)[level]]
+            ops.gibbs_update_owners(rebuilt_psi, rebuilt_scale, *fresh, counts_t, totals, beta, beta0,
+                                    offsets[level], k, none, none, none, full=True)
+            # bound is only an upper bound of the runner-up (it depends on the history)
+            for got, want in zip(states[level][:4], fresh[:4]):
+                assert torch.equal(got, want), f"step {step} level {level}: state differs from a rebuild"
+            omega = counts_t[:, offsets[level] : offsets[level] + k].t().double()
+            values = (omega + beta.double()) / (totals[offsets[level] : offsets[level] + k].double()[:, None] + beta0)
+            values[states[level][0], torch.arange(n)] = -float("inf")
+            assert bool((states[level][4] >= values.max(0).values).all()), "bound below the runner-up"
+        assert torch.equal(psi_t, rebuilt_psi) and torch.equal(psi_scale, rebuilt_scale), f"step {step}"
+        counts = [counts_t[:, o : o + k].t() for o, k in zip(offsets, sizes)]
+        factors = ref.psi_factors_reference(counts, beta, beta0, True)
+        for (numerator, scale), o in zip(factors, offsets):
+            k = scale.numel()
+            assert torch.equal(psi_t[:, o : o + k].t().double(), numerator.float().double())
+            torch.testing.assert_close(psi_scale[o : o + k].double(), scale, rtol=1e-7, atol=0)
+
+
+@pytest.mark.parametrize("prior", ["per_class", "total"])
+def test_fused_owner_update_equals_torch_op_path(prior):
+    # The fused op against the earlier implementation in torch ops, bit for bit,
+    # through many steps with many moves, exact steps and emptied groups.
+    runs = []
+    for fused in (True, False):
+        h, loss_fn, targets, adapter = make_adapter(n=41, sizes=(3, 11), images=300, seed=21, beta=0.3,
+                                                    non_overlapping=True, prior=prior)
+        adapter._fused_owner_update = fused
+        adapter._recount()
+        gen = torch.Generator().manual_seed(8)
+        history = []
+        for step in range(30):
+            logits, target, idx = random_batch(gen, adapter, [5, 40, 120][step % 3], scale=4.0)
+            if step % 7 == 6:
+                logits[:, 3] += 10.0  # pull towards one group: empties others
+            adapter.step(logits, target, idx, exact=step % 5 == 4)
+            history.append((loss_fn.psi_t.clone(), loss_fn.psi_scale.clone(),
+                            [o.clone() for o in adapter._owner], [e.clone() for e in adapter._empty]))
+        check_invariants(adapter, loss_fn)
+        runs.append(history)
+    for step, (a, b) in enumerate(zip(*runs)):
+        assert torch.equal(a[0], b[0]), f"step {step}: psi_t differs"
+        torch.testing.assert_close(a[1], b[1], rtol=0, atol=0, msg=f"step {step}: psi_scale differs")
+        assert all(torch.equal(x, y) for x, y in zip(a[2], b[2])), f"step {step}: owners differ"
+        assert all(torch.equal(x, y) for x, y in zip(a[3], b[3])), f"step {step}: empty groups differ"
+    assert any(bool(e.any()) for entry in runs[0] for e in entry[3]), "no group was ever emptied"
+
+
+def test_update_owners_bad_inputs():
+    n, sizes = 9, [2, 4]
+    gen = torch.Generator().manual_seed(2)
+    _, _, counts_t, totals = consistent_state(gen, sizes + [n], 30)
+    beta = torch.ones(n)
+    psi_t, psi_scale = torch.zeros(n, 6), torch.zeros(6)
+    state = owner_state(n, sizes)[1]
+    none = torch.empty(0, dtype=torch.long)
+    ops.gibbs_update_owners(psi_t, psi_scale, *state, counts_t, totals, beta, float(n), 2, 4, none, none, none,
+                            full=True)
+    before = psi_t.clone()
+    with pytest.raises(RuntimeError, match="new_groups"):
+        ops.gibbs_update_owners(psi_t, psi_scale, *state, counts_t, totals, beta, float(n), 2, 4,
+                                torch.tensor([0]), torch.tensor([1]), torch.tensor([4]))
+    with pytest.raises(RuntimeError, match="classes"):
+        ops.gibbs_update_owners(psi_t, psi_scale, *state, counts_t, totals, beta, float(n), 2, 4,
+                                torch.tensor([9]), torch.tensor([1]), torch.tensor([2]))
+    with pytest.raises(RuntimeError, match="level columns"):
+        ops.gibbs_update_owners(psi_t, psi_scale, *state, counts_t, totals, beta, float(n), 3, 4, none, none, none,
+                                full=True)
+    with pytest.raises(RuntimeError, match="nonzero"):
+        ops.gibbs_update_owners(psi_t, psi_scale, *state[:3], torch.zeros(4, 2, dtype=torch.long), state[4], counts_t,
+                                totals, beta, float(n), 2, 4, none, none, none, full=True)
+    assert torch.equal(psi_t, before), "a refused call must change nothing"
+
 
 def test_torch_compile_fullgraph():
     d = op_inputs(13, [3, 7, 11], 5)

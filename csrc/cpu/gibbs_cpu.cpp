@@ -341,6 +341,22 @@ void gibbs_refresh_psi_entries_cpu(at::Tensor& psi_t, at::Tensor& psi_scale,
   });
 }
 
+// Owner update of one level under the non-overlapping constraint: one pass
+// over the classes and the moves, see gibbs::update_owners_host.
+void gibbs_update_owners_cpu(at::Tensor& psi_t, at::Tensor& psi_scale, at::Tensor& owner,
+                             at::Tensor& numerator, at::Tensor& kept, at::Tensor& nonzero,
+                             at::Tensor& bound, const at::Tensor& counts_t, const at::Tensor& group_totals,
+                             const at::Tensor& beta, double beta0, int64_t offset, int64_t size,
+                             const at::Tensor& classes, const at::Tensor& old_groups,
+                             const at::Tensor& new_groups, bool full) {
+  gibbs::check_update_owners_inputs(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
+                                    group_totals, beta, beta0, offset, size, classes, old_groups,
+                                    new_groups);
+  gibbs::update_owners_on_host(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
+                               group_totals, beta, beta0, offset, size, classes, old_groups,
+                               new_groups, full);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
@@ -348,6 +364,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
   m.impl("gibbs_sample_exact", &gibbs_sample_exact_cpu);
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cpu);
   m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cpu);
+  m.impl("gibbs_update_owners", &gibbs_update_owners_cpu);
 }
 
 }  // namespace lmm_fast

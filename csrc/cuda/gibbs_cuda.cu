@@ -372,6 +372,38 @@ void gibbs_refresh_psi_entries_cuda(at::Tensor& psi_t, at::Tensor& psi_scale,
   });
 }
 
+// Owner update under the non-overlapping constraint: runs the CPU algorithm
+// (gibbs::update_owners_host) on host copies and copies the written state and
+// Psi back. Correct, and bit-identical to the CPU op, but it moves psi_t and
+// counts_t across the bus on every call: a device kernel is still to be
+// written. Inputs are all checked on the device tensors before any copy.
+void gibbs_update_owners_cuda(at::Tensor& psi_t, at::Tensor& psi_scale, at::Tensor& owner,
+                              at::Tensor& numerator, at::Tensor& kept, at::Tensor& nonzero,
+                              at::Tensor& bound, const at::Tensor& counts_t, const at::Tensor& group_totals,
+                              const at::Tensor& beta, double beta0, int64_t offset, int64_t size,
+                              const at::Tensor& classes, const at::Tensor& old_groups,
+                              const at::Tensor& new_groups, bool full) {
+  gibbs::check_update_owners_inputs(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
+                                    group_totals, beta, beta0, offset, size, classes, old_groups,
+                                    new_groups);
+  if (!full && classes.numel() == 0) return;
+  const c10::cuda::CUDAGuard guard(psi_t.device());
+  const auto host = [](const at::Tensor& t) { return t.to(at::kCPU).contiguous(); };
+  at::Tensor psi_h = host(psi_t), scale_h = host(psi_scale), owner_h = host(owner);
+  at::Tensor numerator_h = host(numerator), kept_h = host(kept), nonzero_h = host(nonzero);
+  at::Tensor bound_h = host(bound);
+  gibbs::update_owners_on_host(psi_h, scale_h, owner_h, numerator_h, kept_h, nonzero_h, bound_h,
+                               host(counts_t), host(group_totals), host(beta), beta0, offset, size,
+                               host(classes), host(old_groups), host(new_groups), full);
+  psi_t.copy_(psi_h);
+  psi_scale.copy_(scale_h);
+  owner.copy_(owner_h);
+  numerator.copy_(numerator_h);
+  kept.copy_(kept_h);
+  nonzero.copy_(nonzero_h);
+  bound.copy_(bound_h);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
@@ -379,6 +411,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
   m.impl("gibbs_sample_exact", &gibbs_sample_exact_cuda);
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cuda);
   m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cuda);
+  m.impl("gibbs_update_owners", &gibbs_update_owners_cuda);
 }
 
 }  // namespace lmm_fast
