@@ -17,6 +17,7 @@ from lmm_fast import train
 from lmm_fast import metrics, predict
 from lmm_fast.head import LMMHead
 from lmm_fast.predict import predict_topk
+from lmm_fast import remedies
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "metrics",
     "predict",
     "predict_topk",
+    "remedies",
     "build_info",
     "default_theta",
     "has_cuda_kernels",

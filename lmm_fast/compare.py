@@ -364,6 +364,13 @@ TABLE_IV = ("flat", "lmm_1level", "lmm_2level")
 TOPK = (1, 2, 5, 10)
 
 
+def _label(setting: str) -> str:
+    """The printed name of a setting of :data:`SETTINGS` or of the remedies."""
+    from lmm_fast.compare_remedies import REMEDY_LABELS
+
+    return SETTING_LABELS.get(setting) or REMEDY_LABELS[setting]
+
+
 @dataclass(frozen=True)
 class Protocol:
     """How the networks are trained and compared (docs/compare.md).
@@ -382,6 +389,9 @@ class Protocol:
         beta: the Dirichlet prior of the adaptation (the library's default).
         curve_rows: test rows scored after every epoch for the training curves.
         settings: which of :data:`SETTINGS` to run.
+        remedies: also run the variants of :mod:`lmm_fast.compare_remedies`
+            (docs/remedies.md) for every seed: about 5 more minutes on 2 CPU
+            cores (quick protocol), hence off in the quick protocol, on in ``--full``.
     """
 
     epochs: int = 6
@@ -395,6 +405,7 @@ class Protocol:
     beta: float = 1.0
     curve_rows: int = 2000
     settings: tuple[str, ...] = SETTINGS
+    remedies: bool = False
 
     def resolved_levels(self, num_classes: int) -> list[int]:
         if self.level_sizes is not None:
@@ -410,7 +421,7 @@ class Protocol:
 
 
 QUICK = Protocol()
-FULL = Protocol(epochs=15, warmup_epochs=3, seeds=(0, 1, 2, 3, 4))
+FULL = Protocol(epochs=15, warmup_epochs=3, seeds=(0, 1, 2, 3, 4), remedies=True)
 
 
 class _Batches:
@@ -546,14 +557,16 @@ class _SubTask:
 
 def _evaluate(run: dict[str, Any], task, setting: str, hierarchy, semantic, device: str) -> dict[str, Any]:
     from lmm_fast import metrics
+    from lmm_fast.compare_remedies import class_views, distance_views, tail_classes
 
     test_x = task.features[task.test_index].to(device)
     test_y = task.labels[task.test_index].to(device)
     proba = _predict(run["model"], run["loss_fn"], run["flat"], test_x)
+    per_class = metrics.per_class_accuracy(proba, test_y).cpu()
     summary = metrics.confidence_summary(proba, test_y)
     result: dict[str, Any] = {
         "topk_error": {str(k): v for k, v in metrics.topk_error(proba, test_y, TOPK).items()},
-        "per_class_accuracy": metrics.per_class_accuracy(proba, test_y).cpu(),
+        "per_class_accuracy": per_class,
         "confidence": summary["mean"],
         "confidence_correct": summary["mean_correct"],
         "confidence_wrong": summary["mean_wrong"],
@@ -563,6 +576,11 @@ def _evaluate(run: dict[str, Any], task, setting: str, hierarchy, semantic, devi
         "epoch_loss": list(run["history"].epoch_losses),
         "seconds": run["seconds"],
     }
+    # Where a hierarchy should help, if anywhere: macro top-1, the error on
+    # the 20 % of classes with the fewest training rows, and the tree
+    # distance of the top-1 / top-5 over all rows (docs/remedies.md).
+    result.update(class_views(per_class, tail_classes(task.labels[task.train_index], task.num_classes)))
+    result.update(distance_views(proba, test_y, semantic))
     if setting in ("lmm_p", "lmm_p_tc"):
         report = metrics.reassignment_report(hierarchy, run["loss_fn"])
         result["reassigned"] = [int(level.moved.numel()) for level in report.levels]
@@ -629,6 +647,10 @@ def accuracy_benchmark(
     curve_index = task.test_index[torch.randperm(task.test_index.numel(), generator=gen)[: protocol.curve_rows]]
 
     runs_total = len(protocol.seeds) * len(protocol.settings) + (2 if "lmm_1level" in protocol.settings else 0)
+    if protocol.remedies:
+        # Curriculum, learned θ, gated θ, guarded w/P,TC, two calibration runs
+        # (the few-shot runs are not counted: they are short).
+        runs_total += 6 * len(protocol.seeds)
     bar = tqdm(total=runs_total * protocol.epochs, desc="training", unit="epoch", disable=not progress, leave=False)
 
     def on_epoch(epoch: int, loss: float) -> None:
@@ -649,6 +671,11 @@ def accuracy_benchmark(
             log(message)
 
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in protocol.settings}
+    if protocol.remedies:
+        from lmm_fast import compare_remedies as remedies
+
+        tail = remedies.tail_classes(y_train, n)
+        runs.update({s: [] for s in remedies.REMEDY_SETTINGS if s != "lmm_path" or "lmm" in protocol.settings})
     try:
         for seed in protocol.seeds:
             for setting in protocol.settings:
@@ -658,7 +685,18 @@ def accuracy_benchmark(
                 result = _evaluate(run, task, setting, hierarchy, semantic, device)
                 result["seed"] = seed
                 runs[setting].append(result)
+                if protocol.remedies and setting == "lmm":
+                    # The paper's LMM, scored by the product of its levels.
+                    path = remedies.path_score_result(run, task, hierarchy, semantic, tail, TOPK, device)
+                    path["seed"] = seed
+                    runs["lmm_path"].append(path)
                 del run
+            if protocol.remedies:
+                label = f"remedies seed {seed}"
+                for setting, result in remedies.remedy_runs(task, protocol, visual, semantic, seed, device,
+                                                            TOPK, on_epoch).items():
+                    result["seed"] = seed
+                    runs[setting].append(result)
     finally:
         bar.close()
     return {
@@ -688,6 +726,7 @@ def _protocol_dict(protocol: Protocol, num_classes: int) -> dict[str, Any]:
         "theta": [round(float(t), 6) for t in default_theta(len(levels) + 1)],
         "beta": protocol.beta,
         "settings": list(protocol.settings),
+        "remedies": protocol.remedies,
     }
 
 
@@ -711,7 +750,9 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
 
     The per-class shares compare the per-class top-1 accuracy averaged over
     seeds; ``flat_vs_flat`` is the same comparison between the flat runs of
-    two halves of the seeds, the share that noise alone moves.
+    two halves of the seeds, the share that noise alone moves. ``views``:
+    the class and distance views and the verdict of
+    :func:`lmm_fast.compare_remedies.remedy_summary`.
     """
     from lmm_fast import metrics
 
@@ -719,11 +760,12 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     flat = runs.get("flat")
     for setting, seeds in runs.items():
-        entry: dict[str, Any] = {"label": SETTING_LABELS[setting]}
+        entry: dict[str, Any] = {"label": _label(setting)}
         for k in TOPK:
             entry[f"top{k}_error"] = _mean_std([r["topk_error"][str(k)] for r in seeds])
-        for key in ("confidence", "confidence_correct", "confidence_wrong", "ece", "severity", "seconds"):
-            entry[key] = _mean_std([r[key] for r in seeds])
+        for key in ("confidence", "confidence_correct", "confidence_wrong", "ece", "severity", "seconds",
+                    "macro_error", "tail_error", "hdist1", "hdist5"):
+            entry[key] = _mean_std([r.get(key, math.nan) for r in seeds])
         if "reassigned_classes" in seeds[0]:
             entry["reassigned_classes"] = _mean_std([r["reassigned_classes"] for r in seeds])
             entry["reassigned_per_level"] = [
@@ -742,6 +784,10 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
             entry["per_class"] = comparison.as_dict()
             entry["per_class_delta"] = comparison.delta.tolist()
         out[setting] = entry
+    from lmm_fast.compare_remedies import remedy_summary
+
+    for setting, views in remedy_summary(runs).items():
+        out[setting]["views"] = views
     if flat is not None and len(flat) >= 2:
         half = len(flat) // 2
         a = torch.stack([r["per_class_accuracy"] for r in flat[:half]]).mean(0)
@@ -861,7 +907,7 @@ def _plot_curves(result: dict[str, Any], path: str) -> None:
                 continue
             epochs = torch.arange(1, values.shape[1] + 1)
             mean = values.mean(0)
-            ax.plot(epochs, mean, marker=".", label=SETTING_LABELS[setting])
+            ax.plot(epochs, mean, marker=".", label=_label(setting))
             if values.shape[0] > 1:
                 std = values.std(0)
                 ax.fill_between(epochs, mean - std, mean + std, alpha=0.15)
@@ -1090,6 +1136,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     proto.add_argument("--coarse-groups", type=int, help="groups of the two-level LMM (default: √N)")
     proto.add_argument("--settings", type=_settings_list, metavar="LIST",
                        help=f"comma-separated subset of {','.join(SETTINGS)}")
+    proto.add_argument("--remedies", action="store_true",
+                       help="also run the remedies of docs/remedies.md (θ curriculum, learned and gated θ, "
+                            "calibrated and path-score prediction, guarded adaptation, few-shot): about 5 more "
+                            "minutes on 2 CPU cores; on in --full")
     proto.add_argument("--device", help="where to train (default: cuda when present, else cpu)")
     speed = parser.add_argument_group("speed and memory table")
     speed.add_argument("--speed-classes", type=_int_list, default=list(SPEED_CLASSES), metavar="N,…",
@@ -1123,6 +1173,8 @@ def _protocol_from_args(args: argparse.Namespace) -> Protocol:
         changes["level_sizes"] = tuple(args.levels)
     if args.settings is not None:
         changes["settings"] = tuple(s for s in SETTINGS if s in args.settings)
+    if getattr(args, "remedies", False):
+        changes["remedies"] = True
     protocol = dataclasses.replace(base, **changes)
     if protocol.epochs < 1 or protocol.batch_size < 1 or protocol.hidden < 1 or not protocol.lr > 0:
         raise ValueError("--epochs, --batch-size and --hidden must be >= 1 and --lr > 0")
@@ -1230,6 +1282,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"\nprotocol: {p['network']}, {p['optimizer']}, batch {p['batch_size']}, {p['epochs']} epochs "
               f"({p['warmup_epochs']} with Ψ fixed before adapting), θ = {p['theta']}, β = {p['beta']}, "
               f"seeds {p['seeds']}")
+        from lmm_fast.compare_remedies import REMEDY_SETTINGS, format_remedy_tables
+
+        views = {s: e["views"] for s, e in summary.items() if isinstance(e, dict) and "views" in e}
+        print()
+        print(format_remedy_tables(views, {s: _label(s) for s in views}, list(SETTINGS) + list(REMEDY_SETTINGS),
+                                   len(protocol.seeds)))
     meta["seconds"] = time.perf_counter() - started
     written = write_outputs(
         args.out, meta, speed_rows, accuracy, summary,

@@ -352,7 +352,50 @@ def test_cli_subcommand_and_benchmarks_entry(tmp_path):
     command = doc["meta"]["command"]
     assert command.startswith("lmm-fast compare ") and "--skip-accuracy" in command
     assert "--speed-classes 20" in command and "--features" not in command
+    import lmm_fast
+
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--help"], cwd=root,
-                          capture_output=True, text=True, timeout=120)
+    # lmm_fast from where this test imported it (installed, or an in-place
+    # build), benchmarks/ from the checkout; run outside the checkout so its
+    # bare source folder does not shadow the installed package.
+    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, root, os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--help"], cwd=str(tmp_path),
+                          capture_output=True, text=True, timeout=120, env=env)
     assert done.returncode == 0 and "--features" in done.stdout and "--full" in done.stdout
+
+
+def test_compare_remedies_flag_runs_every_variant_beside_flat(tmp_path):
+    """``--remedies``: every variant of docs/remedies.md for every seed, the
+    class views (macro, tail) for every setting, and the verdict table."""
+    from lmm_fast.compare import QUICK, FULL, main
+    from lmm_fast.compare_remedies import FEWSHOT_SETTINGS, REMEDY_LABELS, REMEDY_SETTINGS
+
+    assert not QUICK.remedies and FULL.remedies  # the quick protocol stays within its time
+    x, y = blobs(n_classes=12, per_class=8, dim=5)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    out = tmp_path / "out"
+    printed = io.StringIO()
+    args = ["--features", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"), "--out", str(out),
+            "--settings", "flat,lmm", "--skip-speed", "--no-plots", "--remedies"] + TINY[:10] + TINY[-3:]
+    with contextlib.redirect_stdout(printed):
+        assert main(args) == 0
+    text = printed.getvalue()
+    assert "Views where hierarchy should help" in text and "Paired difference to the baseline" in text
+    for label in REMEDY_LABELS.values():
+        assert label in text
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["accuracy"]["protocol"]["remedies"] is True
+    summary, runs = doc["accuracy"]["summary"], doc["accuracy"]["runs"]
+    for setting in ("flat", "lmm") + REMEDY_SETTINGS:
+        assert [r["seed"] for r in runs[setting]] == [0, 1]
+        assert 0.0 <= summary[setting]["macro_error"]["mean"] <= 1.0
+        views = summary[setting]["views"]
+        assert views["baseline"] == ("fewshot_flat" if setting in FEWSHOT_SETTINGS else "flat")
+        if setting not in ("flat", "fewshot_flat"):
+            assert {"wins", "keeps_top1", "beats", "delta_top1", "delta_tail_error"} <= set(views)
+    assert runs["fewshot_lmm"][0]["train_rows"] <= 4 * 12
+    assert runs["lmm_cal_t"][0]["temperature"] > 0 and len(runs["lmm_cal_theta"][0]["theta"]) == 3
+    assert "refused_steps" in runs["lmm_p_tc_guarded"][0]
+    assert "--remedies" in doc["meta"]["command"]
