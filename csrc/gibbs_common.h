@@ -506,6 +506,10 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
   std::vector<int64_t> switched;     // classes whose owner changed
   std::vector<int64_t> previous;     // and their owner before the update
   std::vector<int64_t> new_kept(size, 0);
+  // Incremental only: the groups whose owned classes or their numerators (or,
+  // for a group owning nothing, n_t) may have changed; only their normalisers
+  // are re-summed (see below).
+  std::vector<char> affected;
   if (full) {
     std::fill(bits, bits + size * words, uint64_t(0));
     for (int64_t y = 0; y < n; ++y) {
@@ -541,6 +545,7 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
     std::vector<double> inv_den(size);
     for (int64_t t = 0; t < size; ++t) inv_den[t] = 1.0 / den[t];
     constexpr double kMargin = 1.0 - 1.0 / 1099511627776.0;
+    constexpr double kAbove = 1.0 + 1.0 / 1099511627776.0;
     std::vector<char> touched(n, 0);
     for (int64_t i = 0; i < m; ++i) touched[cls[i]] = 1;
     // Scratch reused across calls (no allocation and page faults per step);
@@ -589,8 +594,17 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
         // asks for it (best_value < 0: the owner's, not yet formed; values
         // are positive).
         best_group[y] = o;
-        if (fewest < 0 || static_cast<double>(beta[y]) * inv_den[fewest] <
-                              std::min(bound[y], numerator[y] * inv_den[o]) * kMargin) {
+        if (fewest < 0) {
+          best_value[y] = -1.0;
+          continue;
+        }
+        const double reach = static_cast<double>(beta[y]) * inv_den[fewest];
+        if (reach < numerator[y] * inv_den[o] * kMargin) {
+          // `fewest` (with no image of the class; where it has some, the
+          // bitmap pass below challenges it) cannot beat the owner; it only
+          // raises the bound, here by an upper estimate of its value.
+          const double above = reach * kAbove;
+          if (above > bound[y]) bound[y] = above;
           best_value[y] = -1.0;
           continue;
         }
@@ -633,13 +647,35 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
         numerator[y] = psi_numerator(count_of(y, g), beta[y]);
       }
     }
+    // A group's owned set changes only through the switched classes and its
+    // numerators only at the moved (touched) classes; its n_t (the factor of
+    // a group owning nothing) only in the changed groups.
+    affected.assign(size, 0);
+    for (const int64_t t : changed) affected[t] = 1;
+    for (int64_t i = 0; i < m; ++i) affected[owner[cls[i]]] = 1;
+    std::copy(kept, kept + size, new_kept.begin());
+    for (size_t i = 0; i < switched.size(); ++i) {
+      new_kept[previous[i]] -= 1;
+      new_kept[owner[switched[i]]] += 1;
+      affected[previous[i]] = 1;
+      affected[owner[switched[i]]] = 1;
+    }
   }
   // Normalisers summed in class order in full and incremental updates alike,
-  // so both give the same bits.
+  // so both give the same bits; an incremental update re-sums only the
+  // affected groups (every other group's sum is unchanged, and so is its
+  // stored factor).
   std::vector<double> normaliser(size, 0.0);
-  for (int64_t y = 0; y < n; ++y) {
-    new_kept[owner[y]] += 1;
-    normaliser[owner[y]] = dadd_rn(normaliser[owner[y]], numerator[y]);
+  if (full) {
+    for (int64_t y = 0; y < n; ++y) {
+      new_kept[owner[y]] += 1;
+      normaliser[owner[y]] = dadd_rn(normaliser[owner[y]], numerator[y]);
+    }
+  } else {
+    for (int64_t y = 0; y < n; ++y) {
+      const int64_t t = owner[y];
+      if (affected[t]) normaliser[t] = dadd_rn(normaliser[t], numerator[y]);
+    }
   }
   auto entry = [&](int64_t y, int64_t t) {
     psi[y * width + offset + t] = (owner[y] == t || new_kept[t] == 0)
@@ -667,6 +703,7 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
     }
   }
   for (int64_t t = 0; t < size; ++t) {
+    if (!full && !affected[t]) continue;
     scale[offset + t] = static_cast<scalar_t>(
         new_kept[t] != 0 ? ddiv_rn(1.0, normaliser[t]) : psi_group_scale(totals[offset + t], beta0));
     kept[t] = new_kept[t];
