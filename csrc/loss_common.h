@@ -29,41 +29,31 @@ struct LossGeometry {
   int64_t num_levels() const { return static_cast<int64_t>(sizes.size()); }
 };
 
-inline LossGeometry check_loss_inputs(
-    const at::Tensor& logits,
-    const at::Tensor& target,
-    const at::Tensor& psi_t,
-    const at::Tensor& theta,
-    c10::IntArrayRef level_sizes) {
+// Checks every op that takes packed logits shares, in the order the ops
+// apply them.
+inline void check_logits_matrix(const at::Tensor& logits) {
   TORCH_CHECK(logits.dim() == 2,
       "lmm_fast: logits must be 2-D [batch, sum(level_sizes)], got ",
       logits.dim(), "-D with shape ", logits.sizes());
-  TORCH_CHECK(target.dim() == 1,
-      "lmm_fast: target must be 1-D [batch], got shape ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == c10::ScalarType::Long,
-      "lmm_fast: target must be int64 (long) class indices, got ",
-      target.scalar_type());
-  TORCH_CHECK(target.size(0) == logits.size(0),
-      "lmm_fast: target has ", target.size(0), " rows but logits has ",
-      logits.size(0));
+}
+
+inline void check_logits_dtype(const at::Tensor& logits) {
   const auto dtype = logits.scalar_type();
   TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ||
                   dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
       "lmm_fast: logits must be float32, float64, float16 or bfloat16, got ", dtype);
-  const auto acc = accumulate_type(dtype);
-  TORCH_CHECK(psi_t.scalar_type() == acc,
-      "lmm_fast: psi_t must be ", acc, " for ", dtype, " logits, got ",
-      psi_t.scalar_type());
-  TORCH_CHECK(theta.scalar_type() == acc,
-      "lmm_fast: theta must be ", acc, " for ", dtype, " logits, got ",
-      theta.scalar_type());
-  for (const auto* t : {&target, &psi_t, &theta}) {
-    TORCH_CHECK(t->device() == logits.device(),
-        "lmm_fast: all inputs must be on the logits' device ", logits.device(),
-        ", got one on ", t->device());
-  }
-  TORCH_CHECK(!level_sizes.empty(), "lmm_fast: level_sizes must not be empty");
+}
 
+inline void check_theta_dtype(const at::Tensor& theta, const at::Tensor& logits) {
+  const auto dtype = logits.scalar_type();
+  TORCH_CHECK(theta.scalar_type() == accumulate_type(dtype),
+      "lmm_fast: theta must be ", accumulate_type(dtype), " for ", dtype, " logits, got ",
+      theta.scalar_type());
+}
+
+// The level layout of the packed logits; their width must match it.
+inline LossGeometry level_geometry(const at::Tensor& logits, c10::IntArrayRef level_sizes) {
+  TORCH_CHECK(!level_sizes.empty(), "lmm_fast: level_sizes must not be empty");
   LossGeometry g;
   g.batch = logits.size(0);
   int64_t offset = 0;
@@ -80,18 +70,53 @@ inline LossGeometry check_loss_inputs(
   TORCH_CHECK(logits.size(1) == g.width,
       "lmm_fast: logits has ", logits.size(1),
       " columns but the levels need sum(level_sizes) = ", g.width);
-  TORCH_CHECK(psi_t.dim() == 2 && psi_t.size(0) == g.num_classes &&
-                  psi_t.size(1) == g.upper_width,
-      "lmm_fast: psi_t must be [N, sum(upper level sizes)] = [", g.num_classes,
-      ", ", g.upper_width, "], got ", psi_t.sizes());
-  // theta is shared by all rows ([L]) or given per row ([B, L], e.g. from a
-  // gating network).
+  return g;
+}
+
+// theta is shared by all rows ([L]) or given per row ([B, L], e.g. from a
+// gating network).
+inline void set_theta_layout(LossGeometry& g, const at::Tensor& theta) {
   TORCH_CHECK((theta.dim() == 1 && theta.size(0) == g.num_levels()) ||
                   (theta.dim() == 2 && theta.size(0) == g.batch &&
                    theta.size(1) == g.num_levels()),
       "lmm_fast: theta must have one weight per level, [", g.num_levels(),
       "] or per row [", g.batch, ", ", g.num_levels(), "], got shape ", theta.sizes());
   g.theta_row_stride = theta.dim() == 2 ? g.num_levels() : 0;
+}
+
+inline LossGeometry check_loss_inputs(
+    const at::Tensor& logits,
+    const at::Tensor& target,
+    const at::Tensor& psi_t,
+    const at::Tensor& theta,
+    c10::IntArrayRef level_sizes) {
+  check_logits_matrix(logits);
+  TORCH_CHECK(target.dim() == 1,
+      "lmm_fast: target must be 1-D [batch], got shape ", target.sizes());
+  TORCH_CHECK(target.scalar_type() == c10::ScalarType::Long,
+      "lmm_fast: target must be int64 (long) class indices, got ",
+      target.scalar_type());
+  TORCH_CHECK(target.size(0) == logits.size(0),
+      "lmm_fast: target has ", target.size(0), " rows but logits has ",
+      logits.size(0));
+  check_logits_dtype(logits);
+  const auto dtype = logits.scalar_type();
+  const auto acc = accumulate_type(dtype);
+  TORCH_CHECK(psi_t.scalar_type() == acc,
+      "lmm_fast: psi_t must be ", acc, " for ", dtype, " logits, got ",
+      psi_t.scalar_type());
+  check_theta_dtype(theta, logits);
+  for (const auto* t : {&target, &psi_t, &theta}) {
+    TORCH_CHECK(t->device() == logits.device(),
+        "lmm_fast: all inputs must be on the logits' device ", logits.device(),
+        ", got one on ", t->device());
+  }
+  LossGeometry g = level_geometry(logits, level_sizes);
+  TORCH_CHECK(psi_t.dim() == 2 && psi_t.size(0) == g.num_classes &&
+                  psi_t.size(1) == g.upper_width,
+      "lmm_fast: psi_t must be [N, sum(upper level sizes)] = [", g.num_classes,
+      ", ", g.upper_width, "], got ", psi_t.sizes());
+  set_theta_layout(g, theta);
   return g;
 }
 

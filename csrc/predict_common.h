@@ -19,42 +19,13 @@ namespace lmm_fast {
 
 inline LossGeometry check_predict_inputs(const at::Tensor& logits, const at::Tensor& theta,
                                          c10::IntArrayRef level_sizes) {
-  TORCH_CHECK(logits.dim() == 2,
-      "lmm_fast: logits must be 2-D [batch, sum(level_sizes)], got ", logits.dim(),
-      "-D with shape ", logits.sizes());
-  const auto dtype = logits.scalar_type();
-  TORCH_CHECK(dtype == c10::ScalarType::Float || dtype == c10::ScalarType::Double ||
-                  dtype == c10::ScalarType::Half || dtype == c10::ScalarType::BFloat16,
-      "lmm_fast: logits must be float32, float64, float16 or bfloat16, got ", dtype);
-  const auto acc = accumulate_type(dtype);
-  TORCH_CHECK(theta.scalar_type() == acc,
-      "lmm_fast: theta must be ", acc, " for ", dtype, " logits, got ", theta.scalar_type());
+  check_logits_matrix(logits);
+  check_logits_dtype(logits);
+  check_theta_dtype(theta, logits);
   TORCH_CHECK(theta.device() == logits.device(),
       "lmm_fast: theta must be on the logits' device ", logits.device(), ", got ", theta.device());
-  TORCH_CHECK(!level_sizes.empty(), "lmm_fast: level_sizes must not be empty");
-  LossGeometry g;
-  g.batch = logits.size(0);
-  int64_t offset = 0;
-  for (size_t l = 0; l < level_sizes.size(); ++l) {
-    TORCH_CHECK(level_sizes[l] > 0,
-        "lmm_fast: level_sizes[", l, "] must be positive, got ", level_sizes[l]);
-    g.sizes.push_back(level_sizes[l]);
-    g.offsets.push_back(offset);
-    offset += level_sizes[l];
-  }
-  g.width = offset;
-  g.num_classes = level_sizes.back();
-  g.upper_width = offset - g.num_classes;
-  TORCH_CHECK(logits.size(1) == g.width,
-      "lmm_fast: logits has ", logits.size(1),
-      " columns but the levels need sum(level_sizes) = ", g.width);
-  // theta is shared by all rows ([L]) or given per row ([B, L], e.g. from a
-  // gating network), as in the loss.
-  TORCH_CHECK((theta.dim() == 1 && theta.size(0) == g.num_levels()) ||
-                  (theta.dim() == 2 && theta.size(0) == g.batch && theta.size(1) == g.num_levels()),
-      "lmm_fast: theta must have one weight per level, [", g.num_levels(), "] or per row [",
-      g.batch, ", ", g.num_levels(), "], got shape ", theta.sizes());
-  g.theta_row_stride = theta.dim() == 2 ? g.num_levels() : 0;
+  LossGeometry g = level_geometry(logits, level_sizes);
+  set_theta_layout(g, theta);
   // Group ids travel as int32 (the kernels gather through them).
   TORCH_CHECK(g.num_classes < (int64_t{1} << 31),
       "lmm_fast: at most 2^31 - 1 classes are supported, got ", g.num_classes);
