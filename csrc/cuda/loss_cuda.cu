@@ -17,95 +17,20 @@
 
 #include <cuda_runtime.h>
 
+#include "cuda/cuda_common.cuh"
 #include "loss_common.h"
 
 namespace lmm_fast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxLevels = 16;
+using cuda::add_lse;
+using cuda::block_merge_lse;
+using cuda::DeviceLevels;
+using cuda::fast_exp;
+using cuda::kThreads;
+using cuda::neg_inf;
+
 constexpr int kUnroll = 4;
-
-template <typename A>
-struct LevelInfo {
-  int64_t offsets[kMaxLevels];
-  int64_t sizes[kMaxLevels];
-  int num_levels;
-  int64_t width;
-  int64_t upper_width;
-  int64_t num_classes;
-  int64_t theta_row_stride;
-};
-
-template <typename A>
-__device__ __forceinline__ A neg_inf() { return -INFINITY; }
-
-template <typename A>
-__device__ __forceinline__ A fast_exp(A x) { return exp(x); }
-template <>
-__device__ __forceinline__ float fast_exp<float>(float x) { return __expf(x); }
-
-// Merges two online log-sum-exp accumulators (max m, sum s of exp(x - m)).
-template <typename A>
-__device__ __forceinline__ void merge_lse(A& m, A& s, A om, A os) {
-  if (om == neg_inf<A>()) return;
-  if (m == neg_inf<A>()) { m = om; s = os; return; }
-  if (om > m) {
-    s = s * fast_exp(m - om) + os;
-    m = om;
-  } else {
-    s += os * fast_exp(om - m);
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ void add_lse(A& m, A& s, A x, A weight) {
-  // A masked (-inf) logit adds nothing; without this, -inf - -inf is NaN.
-  if (x == neg_inf<A>()) return;
-  if (x > m) {
-    s = s * fast_exp(m - x) + weight;
-    m = x;
-  } else {
-    s += weight * fast_exp(x - m);
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ void warp_merge_lse(A& m, A& s) {
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    A om = __shfl_xor_sync(0xffffffff, m, offset);
-    A os = __shfl_xor_sync(0xffffffff, s, offset);
-    merge_lse(m, s, om, os);
-  }
-}
-
-// Block-wide merge of up to two (max, sum) pairs; every thread gets the result.
-template <typename A, int kPairs>
-__device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) {
-  __shared__ A shared_m[kPairs][kThreads / 32];
-  __shared__ A shared_s[kPairs][kThreads / 32];
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int k = 0; k < kPairs; ++k) warp_merge_lse(m[k], s[k]);
-  if (lane == 0) {
-#pragma unroll
-    for (int k = 0; k < kPairs; ++k) {
-      shared_m[k][warp] = m[k];
-      shared_s[k][warp] = s[k];
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int k = 0; k < kPairs; ++k) {
-    A mm = neg_inf<A>();
-    A ss = A(0);
-    for (int w = 0; w < kThreads / 32; ++w) merge_lse(mm, ss, shared_m[k][w], shared_s[k][w]);
-    m[k] = mm;
-    s[k] = ss;
-  }
-  __syncthreads();
-}
 
 template <typename A>
 __device__ __forceinline__ A log_add(A a, A b) {
@@ -120,7 +45,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
     const A* __restrict__ psi_t, const A* __restrict__ psi_scale,
-    const A* __restrict__ log_theta, LevelInfo<A> info, int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
+    const A* __restrict__ log_theta, DeviceLevels info, int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
   const int64_t b = blockIdx.x;
   const int L = info.num_levels;
   const int64_t y = target[b];
@@ -196,7 +121,7 @@ template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
     const T* __restrict__ grad_loss, const T* __restrict__ logits, int64_t row_stride,
     const int64_t* __restrict__ target, const A* __restrict__ psi_t,
-    const A* __restrict__ psi_scale, const A* __restrict__ log_theta, LevelInfo<A> info,
+    const A* __restrict__ psi_scale, const A* __restrict__ log_theta, DeviceLevels info,
     const A* __restrict__ lse,
     const A* __restrict__ log_m, int64_t ignore_index,
     T* __restrict__ grad) {
@@ -254,23 +179,6 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
   }
 }
 
-template <typename A>
-LevelInfo<A> make_level_info(const LossGeometry& g) {
-  TORCH_CHECK(g.num_levels() <= kMaxLevels,
-      "lmm_fast: the CUDA loss supports at most ", kMaxLevels, " levels, got ", g.num_levels());
-  LevelInfo<A> info{};
-  for (int64_t l = 0; l < g.num_levels(); ++l) {
-    info.offsets[l] = g.offsets[l];
-    info.sizes[l] = g.sizes[l];
-  }
-  info.num_levels = static_cast<int>(g.num_levels());
-  info.width = g.width;
-  info.upper_width = g.upper_width;
-  info.num_classes = g.num_classes;
-  info.theta_row_stride = g.theta_row_stride;
-  return info;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
     const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index,
@@ -290,7 +198,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_forward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const LevelInfo<A> info = make_level_info<A>(g);
+    const DeviceLevels info = cuda::make_device_levels(g, "loss");
     lmm_loss_forward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
         psi_t.data_ptr<A>(), psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr,
@@ -330,7 +238,7 @@ at::Tensor lmm_loss_backward_cuda(
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_backward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-    const LevelInfo<A> info = make_level_info<A>(g);
+    const DeviceLevels info = cuda::make_device_levels(g, "loss");
     lmm_loss_backward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
         grad_loss.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), logits.stride(0),
         target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),

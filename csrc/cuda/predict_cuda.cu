@@ -30,112 +30,35 @@
 #include <optional>
 #include <type_traits>
 
+#include "cuda/cuda_common.cuh"
 #include "predict_common.h"
 
 namespace lmm_fast {
 namespace {
 
-constexpr int kThreads = 256;
-constexpr int kMaxLevels = 16;
-
-struct PredictLevels {
-  int64_t offsets[kMaxLevels];
-  int64_t sizes[kMaxLevels];
-  int num_levels;
-  int64_t theta_row_stride;  // 0: one theta for all rows; L: one per row
-  int64_t width;
-  int64_t upper_width;
-  int64_t num_classes;
-};
-
-PredictLevels make_levels(const LossGeometry& g) {
-  TORCH_CHECK(g.num_levels() <= kMaxLevels,
-      "lmm_fast: the CUDA prediction supports at most ", kMaxLevels, " levels, got ",
-      g.num_levels());
-  PredictLevels info{};
-  for (int64_t l = 0; l < g.num_levels(); ++l) {
-    info.offsets[l] = g.offsets[l];
-    info.sizes[l] = g.sizes[l];
-  }
-  info.num_levels = static_cast<int>(g.num_levels());
-  info.theta_row_stride = g.theta_row_stride;
-  info.width = g.width;
-  info.upper_width = g.upper_width;
-  info.num_classes = g.num_classes;
-  return info;
-}
-
-template <typename A>
-__device__ __forceinline__ A device_exp(A x) { return exp(x); }
-template <>
-__device__ __forceinline__ float device_exp<float>(float x) { return __expf(x); }
-
-template <typename A>
-__device__ __forceinline__ A minus_inf() { return -INFINITY; }
-
-// Merges the online log-sum-exp pair (om, os) into (m, s).
-template <typename A>
-__device__ __forceinline__ void merge_pair(A& m, A& s, A om, A os) {
-  if (om == minus_inf<A>()) return;
-  if (m == minus_inf<A>()) {
-    m = om;
-    s = os;
-    return;
-  }
-  if (om > m) {
-    s = s * device_exp(m - om) + os;
-    m = om;
-  } else {
-    s += os * device_exp(om - m);
-  }
-}
-
-template <typename A>
-__device__ __forceinline__ void add_value(A& m, A& s, A x) {
-  // exp(-inf) adds nothing, and -inf - -inf would be NaN.
-  if (x == minus_inf<A>()) return;
-  if (x > m) {
-    s = (m == minus_inf<A>() ? A(0) : s * device_exp(m - x)) + A(1);
-    m = x;
-  } else {
-    s += device_exp(x - m);
-  }
-}
+using cuda::add_lse;
+using cuda::block_merge_lse;
+using cuda::DeviceLevels;
+using cuda::fast_exp;
+using cuda::kThreads;
+using cuda::neg_inf;
 
 // (max, sum exp(x - max)) of x[0..n), returned to every thread of the block.
 // Every thread of the block must call it (it synchronises).
 template <typename T, typename A>
 __device__ void block_softmax_stats(const T* __restrict__ x, int64_t n, A& m_out, A& s_out) {
-  __shared__ A shared_m[kThreads / 32];
-  __shared__ A shared_s[kThreads / 32];
-  A m = minus_inf<A>();
-  A s = A(0);
-  for (int64_t t = threadIdx.x; t < n; t += kThreads) add_value(m, s, static_cast<A>(x[t]));
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const A om = __shfl_xor_sync(0xffffffff, m, offset);
-    const A os = __shfl_xor_sync(0xffffffff, s, offset);
-    merge_pair(m, s, om, os);
-  }
-  const int lane = threadIdx.x & 31;
-  const int warp = threadIdx.x >> 5;
-  if (lane == 0) {
-    shared_m[warp] = m;
-    shared_s[warp] = s;
-  }
-  __syncthreads();
-  A mm = minus_inf<A>();
-  A ss = A(0);
-  for (int w = 0; w < kThreads / 32; ++w) merge_pair(mm, ss, shared_m[w], shared_s[w]);
-  m_out = mm;
-  s_out = ss;
-  // The shared pair is reused by the next call.
-  __syncthreads();
+  A m[1] = {neg_inf<A>()};
+  A s[1] = {A(0)};
+  for (int64_t t = threadIdx.x; t < n; t += kThreads) add_lse(m[0], s[0], static_cast<A>(x[t]), A(1));
+  block_merge_lse<A, 1>(m, s);
+  m_out = m[0];
+  s_out = s[0];
 }
 
 // Writes theta_l softmax(a^l)_t of every upper level to u_row[offset_l + t].
 template <typename T, typename A>
 __device__ void upper_softmax_block(const T* __restrict__ row, const A* __restrict__ theta,
-                                    const PredictLevels& info, A* __restrict__ u_row) {
+                                    const DeviceLevels& info, A* __restrict__ u_row) {
   for (int l = 0; l + 1 < info.num_levels; ++l) {
     const T* x = row + info.offsets[l];
     const int64_t n = info.sizes[l];
@@ -143,7 +66,7 @@ __device__ void upper_softmax_block(const T* __restrict__ row, const A* __restri
     block_softmax_stats<T, A>(x, n, m, s);
     const A scale = theta[l] / s;
     for (int64_t t = threadIdx.x; t < n; t += kThreads) {
-      u_row[info.offsets[l] + t] = scale * device_exp(static_cast<A>(x[t]) - m);
+      u_row[info.offsets[l] + t] = scale * fast_exp(static_cast<A>(x[t]) - m);
     }
   }
 }
@@ -151,7 +74,7 @@ __device__ void upper_softmax_block(const T* __restrict__ row, const A* __restri
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) predict_tree_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int32_t* __restrict__ group_index,
-    const A* __restrict__ group_value, const A* __restrict__ theta, PredictLevels info,
+    const A* __restrict__ group_value, const A* __restrict__ theta, DeviceLevels info,
     A* scratch, T* __restrict__ out) {
   const int64_t b = blockIdx.x;
   const T* row = logits + b * row_stride;
@@ -168,7 +91,7 @@ __global__ void __launch_bounds__(kThreads) predict_tree_kernel(
   const A scale = theta[bottom] / s;
   T* out_row = out + b * n;
   for (int64_t y = threadIdx.x; y < n; y += kThreads) {
-    A v = scale * device_exp(static_cast<A>(x[y]) - m);
+    A v = scale * fast_exp(static_cast<A>(x[y]) - m);
     for (int l = 0; l < bottom; ++l) {
       const int32_t group = group_index[l * n + y];
       CUDA_KERNEL_ASSERT(group >= 0 && group < info.sizes[l] && "lmm_fast: group_index out of range");
@@ -180,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) predict_tree_kernel(
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) upper_softmax_kernel(
-    const T* __restrict__ logits, int64_t row_stride, const A* __restrict__ theta, PredictLevels info,
+    const T* __restrict__ logits, int64_t row_stride, const A* __restrict__ theta, DeviceLevels info,
     A* __restrict__ u) {
   const int64_t b = blockIdx.x;
   upper_softmax_block<T, A>(logits + b * row_stride, theta + b * info.theta_row_stride, info,
@@ -190,7 +113,7 @@ __global__ void __launch_bounds__(kThreads) upper_softmax_kernel(
 // out[b, y] = mixed[b, y] + theta_L softmax(a^L)_y; out may alias mixed.
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) add_bottom_kernel(
-    const T* __restrict__ logits, int64_t row_stride, const A* __restrict__ theta, PredictLevels info,
+    const T* __restrict__ logits, int64_t row_stride, const A* __restrict__ theta, DeviceLevels info,
     const A* mixed, T* out) {
   const int64_t b = blockIdx.x;
   const int bottom = info.num_levels - 1;
@@ -200,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) add_bottom_kernel(
   block_softmax_stats<T, A>(x, n, m, s);
   const A scale = theta[b * info.theta_row_stride + bottom] / s;
   for (int64_t y = threadIdx.x; y < n; y += kThreads) {
-    const A v = mixed[b * n + y] + scale * device_exp(static_cast<A>(x[y]) - m);
+    const A v = mixed[b * n + y] + scale * fast_exp(static_cast<A>(x[y]) - m);
     out[b * n + y] = static_cast<T>(v);
   }
 }
@@ -216,7 +139,7 @@ __global__ void __launch_bounds__(kThreads) gather_scores_kernel(
        item += warps) {
     const int64_t r = rows[item];
     if (r < 0) {
-      if (lane == 0) out[item] = static_cast<T>(minus_inf<A>());
+      if (lane == 0) out[item] = static_cast<T>(neg_inf<A>());
       continue;
     }
     CUDA_KERNEL_ASSERT(r < num_weight_rows && "lmm_fast: rows out of range");
@@ -249,7 +172,7 @@ at::Tensor predict_tree_cuda_impl(const at::Tensor& logits_in, const at::Tensor&
   if (g.batch == 0) return out;
   check_grid(g);
   at::Tensor scratch = at::empty({g.batch, std::max<int64_t>(g.upper_width, 1)}, logits.options().dtype(acc));
-  const PredictLevels info = make_levels(g);
+  const DeviceLevels info = cuda::make_device_levels(g, "prediction");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_predict_proba_tree_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
@@ -281,7 +204,7 @@ at::Tensor lmm_predict_proba_dense_cuda(const at::Tensor& logits_in, const at::T
   const auto acc = accumulate_type(logits.scalar_type());
   if (g.batch == 0) return at::empty({0, g.num_classes}, logits.options());
   check_grid(g);
-  const PredictLevels info = make_levels(g);
+  const DeviceLevels info = cuda::make_device_levels(g, "prediction");
   const auto stream = c10::cuda::getCurrentCUDAStream();
   at::Tensor mixed, out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_predict_proba_dense_cuda", [&] {
