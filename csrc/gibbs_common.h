@@ -333,6 +333,28 @@ inline Geometry check_sample_inputs(const at::Tensor& logits, const at::Tensor& 
   return g;
 }
 
+// The sampler's inputs after the checks, in the layout its kernels read:
+// logits need unit stride along the columns only, the rest contiguous.
+struct PreparedSample {
+  Geometry geo;
+  at::Tensor logits, target, old_labels, beta, image_ids;
+};
+
+inline PreparedSample prepare_sample_inputs(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& old_labels,
+    const at::Tensor& counts_t, const at::Tensor& group_totals, const at::Tensor& beta,
+    double beta0, c10::IntArrayRef level_sizes, const at::Tensor& image_ids) {
+  PreparedSample p;
+  p.geo = check_sample_inputs(logits, target, old_labels, counts_t, group_totals, beta, beta0,
+                              level_sizes, image_ids);
+  p.logits = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
+  p.target = target.contiguous();
+  p.old_labels = old_labels.contiguous();
+  p.beta = beta.contiguous();
+  p.image_ids = image_ids.contiguous();
+  return p;
+}
+
 // Eq. 6 in factored form on the class-major psi_t: psi_t holds the
 // unnormalised Omega + beta, psi_scale the per-group 1 / (n_t + beta0).
 inline void check_refresh_inputs(const at::Tensor& psi_t, const at::Tensor& psi_scale,

@@ -158,23 +158,15 @@ int64_t sample_image_level(const SampleArgs<T>& a, const int32_t* counts_t,
                          a.beta0, a.old_labels[b * g.num_upper() + l], random, ws);
 }
 
-struct Prepared {
-  Geometry geo;
-  at::Tensor logits, target, old_labels, beta, image_ids;
-};
+using Prepared = gibbs::PreparedSample;
 
+// The CPU kernels also check the values (ranges, repeats) before sampling.
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& old_labels,
                  const at::Tensor& counts_t, const at::Tensor& group_totals,
                  const at::Tensor& beta, double beta0, c10::IntArrayRef level_sizes,
                  const at::Tensor& image_ids) {
-  Prepared p;
-  p.geo = gibbs::check_sample_inputs(logits, target, old_labels, counts_t, group_totals, beta,
-                                     beta0, level_sizes, image_ids);
-  p.logits = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  p.target = target.contiguous();
-  p.old_labels = old_labels.contiguous();
-  p.beta = beta.contiguous();
-  p.image_ids = image_ids.contiguous();
+  Prepared p = gibbs::prepare_sample_inputs(logits, target, old_labels, counts_t, group_totals,
+                                            beta, beta0, level_sizes, image_ids);
   check_values_cpu(p.geo, p.target, p.old_labels, p.image_ids);
   return p;
 }

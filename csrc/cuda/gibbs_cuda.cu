@@ -243,25 +243,8 @@ __global__ void gibbs_refresh_psi_entries_kernel(scalar_t* __restrict__ psi, sca
   }
 }
 
-struct Prepared {
-  Geometry geo;
-  at::Tensor logits, target, old_labels, beta, image_ids;
-};
-
-Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& old_labels,
-                 const at::Tensor& counts_t, const at::Tensor& group_totals,
-                 const at::Tensor& beta, double beta0, c10::IntArrayRef level_sizes,
-                 const at::Tensor& image_ids) {
-  Prepared p;
-  p.geo = gibbs::check_sample_inputs(logits, target, old_labels, counts_t, group_totals, beta,
-                                     beta0, level_sizes, image_ids);
-  p.logits = (logits.size(1) <= 1 || logits.stride(1) == 1) ? logits : logits.contiguous();
-  p.target = target.contiguous();
-  p.old_labels = old_labels.contiguous();
-  p.beta = beta.contiguous();
-  p.image_ids = image_ids.contiguous();
-  return p;
-}
+using Prepared = gibbs::PreparedSample;
+using gibbs::prepare_sample_inputs;
 
 at::Tensor gibbs_sample_cuda(const at::Tensor& logits_in, const at::Tensor& target_in,
                              const at::Tensor& old_labels_in, const at::Tensor& counts_t,
@@ -269,8 +252,8 @@ at::Tensor gibbs_sample_cuda(const at::Tensor& logits_in, const at::Tensor& targ
                              double beta0, c10::IntArrayRef level_sizes, int64_t seed,
                              int64_t step, const at::Tensor& image_ids_in) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Prepared p = prepare(logits_in, target_in, old_labels_in, counts_t, group_totals, beta_in,
-                             beta0, level_sizes, image_ids_in);
+  const Prepared p = prepare_sample_inputs(logits_in, target_in, old_labels_in, counts_t,
+                                           group_totals, beta_in, beta0, level_sizes, image_ids_in);
   const Geometry& g = p.geo;
   at::Tensor out = at::empty({g.batch, g.num_upper()}, p.old_labels.options());
   if (g.batch == 0) return out;
@@ -300,8 +283,8 @@ at::Tensor gibbs_sample_exact_cuda(const at::Tensor& logits_in, const at::Tensor
                                    double beta0, c10::IntArrayRef level_sizes, int64_t seed,
                                    int64_t step, const at::Tensor& image_ids_in) {
   const c10::cuda::CUDAGuard guard(logits_in.device());
-  const Prepared p = prepare(logits_in, target_in, old_labels_in, counts_t, group_totals, beta_in,
-                             beta0, level_sizes, image_ids_in);
+  const Prepared p = prepare_sample_inputs(logits_in, target_in, old_labels_in, counts_t,
+                                           group_totals, beta_in, beta0, level_sizes, image_ids_in);
   const Geometry& g = p.geo;
   at::Tensor out = at::empty({g.batch, g.num_upper()}, p.old_labels.options());
   if (g.batch == 0) return out;
