@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from lmm_fast.adaptation import GibbsAdapter
 from lmm_fast.loss import check_theta, default_theta
-from lmm_fast.train import FitHistory
+from lmm_fast.train import FitHistory, optimizer_step
 
 __all__ = [
     "ThetaSchedule",
@@ -222,12 +222,7 @@ def fit_remedy(
             logits = head(features)
             theta = gate(features) if gate is not None else None
             loss = loss_fn(logits, targets, theta=theta)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss became {value} at epoch {epoch}, step {step}")
+            value = optimizer_step(loss, optimizer, epoch, step)
             history.step_losses.append(value)
             total += value * targets.numel()
             count += targets.numel()

@@ -71,6 +71,18 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def optimizer_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, epoch: int, step: int) -> float:
+    """One SGD step on ``loss``; returns its value, refusing a non-finite one
+    (a diverged run should stop where it diverged, not train on NaN)."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    value = float(loss.detach())
+    if not math.isfinite(value):
+        raise FloatingPointError(f"the training loss became {value} at epoch {epoch}, step {step}")
+    return value
+
+
 def fit_lmm(
     model: nn.Module,
     loader: Iterable,
@@ -169,12 +181,7 @@ def fit_lmm(
                 loss = F.cross_entropy(logits[:, -num_classes:], targets)
             else:
                 loss = loss_fn(logits, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = float(loss.detach())
-            if not math.isfinite(value):
-                raise FloatingPointError(f"the training loss became {value} at epoch {epoch}, step {step}")
+            value = optimizer_step(loss, optimizer, epoch, step)
             history.step_losses.append(value)
             total += value * targets.numel()
             count += targets.numel()
