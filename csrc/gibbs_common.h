@@ -249,17 +249,8 @@ struct Geometry {
   }
 };
 
-inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& logits) {
-  TORCH_CHECK(t.device() == logits.device(), "lmm_fast: ", name, " must be on the logits' device ",
-              logits.device(), ", got ", t.device());
-}
-
-// Checks shared by the batched and the exact sampler; returns the geometry.
-inline Geometry check_sample_inputs(const at::Tensor& logits, const at::Tensor& target,
-                                    const at::Tensor& old_labels, const at::Tensor& counts_t,
-                                    const at::Tensor& group_totals, const at::Tensor& beta,
-                                    double beta0, c10::IntArrayRef level_sizes,
-                                    const at::Tensor& image_ids) {
+// Upper level sizes and offsets and N from level_sizes [N_1, ..., N_{L-1}, N].
+inline Geometry parse_level_sizes(c10::IntArrayRef level_sizes) {
   TORCH_CHECK(level_sizes.size() >= 2,
               "lmm_fast: level_sizes must list the upper levels and the classes (at least 2 "
               "entries), got ", level_sizes.size());
@@ -277,6 +268,22 @@ inline Geometry check_sample_inputs(const at::Tensor& logits, const at::Tensor& 
   g.num_classes = level_sizes.back();
   TORCH_CHECK(g.num_classes > 0, "lmm_fast: level_sizes[-1] (the number of classes) must be "
               "positive, got ", g.num_classes);
+  return g;
+}
+
+inline void check_device(const at::Tensor& t, const char* name, const at::Tensor& logits) {
+  TORCH_CHECK(t.device() == logits.device(), "lmm_fast: ", name, " must be on the logits' device ",
+              logits.device(), ", got ", t.device());
+}
+
+// Checks shared by the batched and the exact sampler; returns the geometry.
+inline Geometry check_sample_inputs(const at::Tensor& logits, const at::Tensor& target,
+                                    const at::Tensor& old_labels, const at::Tensor& counts_t,
+                                    const at::Tensor& group_totals, const at::Tensor& beta,
+                                    double beta0, c10::IntArrayRef level_sizes,
+                                    const at::Tensor& image_ids) {
+  Geometry g = parse_level_sizes(level_sizes);
+  const int64_t offset = g.upper_width;
   // The bottom level's logits are never read: the packed logits of the loss
   // or just their upper-level columns are both accepted.
   TORCH_CHECK(logits.dim() == 2 && (logits.size(1) == offset + g.num_classes ||
@@ -402,6 +409,56 @@ inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index,
 }
 
 
+// gibbs_apply_moves: shapes, dtypes, devices and layout; returns the geometry
+// of the levels (upper level sizes and offsets, N).
+inline Geometry check_apply_moves_inputs(const at::Tensor& counts_t, const at::Tensor& group_totals,
+                                         const at::Tensor& labels, const at::Tensor& target,
+                                         const at::Tensor& image_ids, const at::Tensor& old_labels,
+                                         const at::Tensor& new_labels, c10::IntArrayRef level_sizes) {
+  Geometry g = parse_level_sizes(level_sizes);
+  const int64_t levels = g.num_upper();
+  TORCH_CHECK(counts_t.dim() == 2 && counts_t.size(0) == g.num_classes &&
+                  counts_t.size(1) == g.upper_width && counts_t.scalar_type() == at::kInt &&
+                  counts_t.is_contiguous(),
+              "lmm_fast: counts_t must be a contiguous int32 [N, sum(upper level sizes)] = [",
+              g.num_classes, ", ", g.upper_width, "] tensor, got ", counts_t.scalar_type(),
+              " of shape ", counts_t.sizes());
+  TORCH_CHECK(group_totals.dim() == 1 && group_totals.size(0) == g.upper_width &&
+                  group_totals.scalar_type() == at::kInt && group_totals.is_contiguous(),
+              "lmm_fast: group_totals must be a contiguous int32 [", g.upper_width,
+              "] tensor, got ", group_totals.scalar_type(), " of shape ", group_totals.sizes());
+  TORCH_CHECK(labels.dim() == 2 && labels.size(1) == levels && labels.scalar_type() == at::kLong &&
+                  labels.is_contiguous(),
+              "lmm_fast: labels must be a contiguous int64 [images, ", levels,
+              "] tensor, got ", labels.scalar_type(), " of shape ", labels.sizes());
+  g.batch = target.dim() == 1 ? target.size(0) : -1;
+  TORCH_CHECK(target.dim() == 1 && target.scalar_type() == at::kLong,
+              "lmm_fast: target must be a 1-D int64 tensor, got ", target.scalar_type(),
+              " of shape ", target.sizes());
+  TORCH_CHECK(image_ids.dim() == 1 && image_ids.size(0) == g.batch &&
+                  image_ids.scalar_type() == at::kLong,
+              "lmm_fast: image_ids must be int64 [batch] = [", g.batch, "], got ",
+              image_ids.scalar_type(), " of shape ", image_ids.sizes());
+  for (const auto& pair : {std::make_pair(&old_labels, "old_labels"),
+                           std::make_pair(&new_labels, "new_labels")}) {
+    TORCH_CHECK(pair.first->dim() == 2 && pair.first->size(0) == g.batch &&
+                    pair.first->size(1) == levels && pair.first->scalar_type() == at::kLong,
+                "lmm_fast: ", pair.second, " must be int64 [batch, upper levels] = [", g.batch,
+                ", ", levels, "], got ", pair.first->scalar_type(), " of shape ",
+                pair.first->sizes());
+  }
+  for (const auto& pair : {std::make_pair(&group_totals, "group_totals"),
+                           std::make_pair(&labels, "labels"), std::make_pair(&target, "target"),
+                           std::make_pair(&image_ids, "image_ids"),
+                           std::make_pair(&old_labels, "old_labels"),
+                           std::make_pair(&new_labels, "new_labels")}) {
+    TORCH_CHECK(pair.first->device() == counts_t.device(), "lmm_fast: ", pair.second,
+                " must be on counts_t's device ", counts_t.device(), ", got ",
+                pair.first->device());
+  }
+  return g;
+}
+
 // ------------------------------------------- owners of the non-overlapping Psi
 // State of one upper level under the constraint (paper Table I, "TC"):
 //   owner [N] int64       owner(y) = argmax_t Eq6[t, y], lowest t on exact ties
@@ -450,8 +507,8 @@ inline void check_update_owners_inputs(const at::Tensor& psi_t, const at::Tensor
               classes.numel(), ", ", old_groups.numel(), " and ", new_groups.numel());
 }
 
-// The update itself, on host memory (the CPU kernel, and the CUDA fallback on
-// host copies). full: rebuild the level's state and block of Psi from the
+// The update itself, on host memory (the CPU kernel; the CUDA kernels are the
+// phases of gibbs_owners_parallel.h, with the same results). full: rebuild the level's state and block of Psi from the
 // counts; else the counts changed exactly at the m moves (class cls[i] from
 // level-local group olds[i] to news[i]) since the state was last updated.
 //
@@ -467,6 +524,14 @@ inline void check_update_owners_inputs(const at::Tensor& psi_t, const at::Tensor
 // none (there its value is beta_y / (n_t + beta0)).
 // Values are (Omega + beta) / (n + beta0) in float64, exactly the reference's
 // expression, so that ties are seen as ties everywhere.
+inline void prefetch_read(const void* p) {
+#if defined(__GNUC__)
+  __builtin_prefetch(p, 0, 1);
+#else
+  (void)p;
+#endif
+}
+
 template <typename scalar_t>
 void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* numerator,
                         int64_t* kept, uint64_t* bits, double* bound, const int32_t* counts,
@@ -482,13 +547,35 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
   std::vector<double> den(size);
   for (int64_t t = 0; t < size; ++t) den[t] = dadd_rn(static_cast<double>(totals[offset + t]), beta0);
   auto count_of = [&](int64_t y, int64_t t) { return level_counts[y * width + t]; };
-  auto value = [&](int64_t y, int64_t t) { return ddiv_rn(psi_numerator(count_of(y, t), beta[y]), den[t]); };
   auto has_images = [&](int64_t t, int64_t y) { return (bits[t * words + (y >> 6)] >> (y & 63)) & 1u; };
   auto set_bit = [&](int64_t t, int64_t y, bool on) {
     uint64_t& w = bits[t * words + (y >> 6)];
     const uint64_t mask = uint64_t(1) << (y & 63);
     w = on ? (w | mask) : (w & ~mask);
   };
+  // Comparisons of values (Omega + beta_y) / (n_t + beta0) go through
+  // products with a reciprocal first: num * inv_den[t] is within 2^-51 of the
+  // correctly rounded quotient (both positive), so when two products differ
+  // by more than a factor 1 + 2^-40 the quotients compare the same way. Only
+  // closer pairs (exact ties above all, common where counts are equal) form
+  // the two divisions of the reference and break ties by index. Bounds are
+  // raised by upper estimates (product * (1 + 2^-40)), never below a value.
+  std::vector<double> inv_den(size);
+  for (int64_t t = 0; t < size; ++t) inv_den[t] = 1.0 / den[t];
+  constexpr double kUp = 1.0 + 1.0 / 1099511627776.0;
+  constexpr double kDown = 1.0 - 1.0 / 1099511627776.0;
+  // Does (num_a in group a) come before (num_b in group b): larger value,
+  // lower index on exact ties.
+  auto beats = [&](double num_a, int64_t a, double num_b, int64_t b) {
+    const double pa = num_a * inv_den[a];
+    const double pb = num_b * inv_den[b];
+    if (pa > pb * kUp) return true;
+    if (pa < pb * kDown) return false;
+    const double va = ddiv_rn(num_a, den[a]);
+    const double vb = ddiv_rn(num_b, den[b]);
+    return va > vb || (va == vb && a < b);
+  };
+  auto upper = [&](double num, int64_t t) { return num * inv_den[t] * kUp; };
   // argmax over the level's groups, first maximum. Where Omega[t, y] = 0 the
   // value beta_y / (n_t + beta0) is largest in the group with the fewest
   // images (lowest index on ties), so only that group and those where the
@@ -501,25 +588,24 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
   for (int64_t t = 1; t < size; ++t) {
     if (totals[offset + t] < totals[offset + fewest_all]) fewest_all = t;
   }
-  // Also sets bound[y] to at least the value of every other group (the
-  // runner-up; for the groups not compared, their common upper bound
-  // beta_y / (n_fewest + beta0)).
-  auto rescan = [&](int64_t y, double& best) {
+  // Returns the argmax and its numerator; also sets bound[y] to at least the
+  // value of every other group (the runner-up; for the groups not compared,
+  // their common upper bound beta_y / (n_fewest + beta0)).
+  auto rescan = [&](int64_t y, double& best_num) {
+    const int32_t* row = level_counts + y * width;
     const int64_t first = sparse ? fewest_all : 0;
     int64_t arg = first;
-    best = value(y, arg);
-    double second = sparse ? ddiv_rn(psi_numerator(0, beta[y]), den[fewest_all])
-                           : -std::numeric_limits<double>::infinity();
-    const int32_t* row = level_counts + y * width;
+    best_num = psi_numerator(row[first], beta[y]);
+    double second = sparse ? upper(psi_numerator(0, beta[y]), fewest_all) : 0.0;
     for (int64_t t = 0; t < size; ++t) {
       if ((sparse && row[t] == 0) || t == first) continue;
-      const double v = value(y, t);
-      if (v > best || (v == best && t < arg)) {
-        second = std::max(second, best);
-        best = v;
+      const double num = psi_numerator(row[t], beta[y]);
+      if (beats(num, t, best_num, arg)) {
+        second = std::max(second, upper(best_num, arg));
+        best_num = num;
         arg = t;
       } else {
-        second = std::max(second, v);
+        second = std::max(second, upper(num, t));
       }
     }
     bound[y] = second;
@@ -528,16 +614,15 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
   std::vector<int64_t> switched;     // classes whose owner changed
   std::vector<int64_t> previous;     // and their owner before the update
   std::vector<int64_t> new_kept(size, 0);
-  // Incremental only: the groups whose owned classes or their numerators (or,
-  // for a group owning nothing, n_t) may have changed; only their normalisers
-  // are re-summed (see below).
-  std::vector<char> affected;
+  // Normalisers summed in class order over the kept numerators, in full and
+  // incremental updates alike, so both give the same bits.
+  std::vector<double> normaliser(size, 0.0);
   if (full) {
     std::fill(bits, bits + size * words, uint64_t(0));
     for (int64_t y = 0; y < n; ++y) {
-      double best;
-      owner[y] = rescan(y, best);
-      numerator[y] = psi_numerator(count_of(y, owner[y]), beta[y]);
+      double best_num;
+      owner[y] = rescan(y, best_num);
+      numerator[y] = best_num;
       for (int64_t t = 0; t < size; ++t) {
         if (count_of(y, t) != 0) set_bit(t, y, true);
       }
@@ -564,139 +649,168 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
         fewest = t;
       }
     }
-    std::vector<double> inv_den(size);
-    for (int64_t t = 0; t < size; ++t) inv_den[t] = 1.0 / den[t];
-    constexpr double kMargin = 1.0 - 1.0 / 1099511627776.0;
-    constexpr double kAbove = 1.0 + 1.0 / 1099511627776.0;
-    std::vector<char> touched(n, 0);
+    // Kept all zero between calls: set for the moved classes, cleared at the end.
+    thread_local std::vector<char> touched_buffer;
+    if (static_cast<int64_t>(touched_buffer.size()) < n) touched_buffer.assign(n, 0);
+    char* touched = touched_buffer.data();
     for (int64_t i = 0; i < m; ++i) touched[cls[i]] = 1;
     // Scratch reused across calls (no allocation and page faults per step);
     // every entry is written by the first pass over the classes.
-    thread_local std::vector<double> best_value_buffer;
+    thread_local std::vector<double> best_num_buffer;
     thread_local std::vector<int64_t> best_group_buffer;
-    if (static_cast<int64_t>(best_value_buffer.size()) < n) {
-      best_value_buffer.resize(n);
+    if (static_cast<int64_t>(best_num_buffer.size()) < n) {
+      best_num_buffer.resize(n);
       best_group_buffer.resize(n);
     }
-    double* best_value = best_value_buffer.data();
+    double* best_num = best_num_buffer.data();
     int64_t* best_group = best_group_buffer.data();
+    // A group of D gained value for each class by at most its factor
+    // (n_t - delta_t + beta0) / (n_t + beta0) where the class's count there
+    // did not change; `gain` bounds the largest factor from above. Such a
+    // group lost to the owner before, so its value is at most the class's
+    // bound times `gain` now (`lifted`); a class whose best beats that needs
+    // none of its counts in the groups of D read, only its bound raised.
+    // The others are marked in `needs` and challenged pair by pair.
+    double gain = 1.0;
+    for (const int64_t t : changed) {
+      if (delta[t] < 0) {
+        const double before = dadd_rn(static_cast<double>(totals[offset + t] - delta[t]), beta0);
+        gain = std::max(gain, before * inv_den[t] * kUp);
+      }
+    }
+    gain *= kUp;
+    thread_local std::vector<double> lifted_buffer;
+    thread_local std::vector<uint64_t> needs_buffer, settled_buffer;
+    if (static_cast<int64_t>(lifted_buffer.size()) < n) lifted_buffer.resize(n);
+    needs_buffer.assign(words, 0);
+    settled_buffer.assign(words, 0);
+    double* lifted = lifted_buffer.data();
+    uint64_t* needs = needs_buffer.data();
+    uint64_t* settled = settled_buffer.data();
+    // After the class's first candidates are settled: skip the pairs of D
+    // if its best beats the lifted bound (with the 2^-40 product margin).
+    auto settle = [&](int64_t y) {
+      settled[y >> 6] |= uint64_t(1) << (y & 63);
+      lifted[y] = bound[y] * gain;
+      if (!(best_num[y] * inv_den[best_group[y]] > lifted[y] * kUp)) {
+        needs[y >> 6] |= uint64_t(1) << (y & 63);
+      }
+    };
     // Keeps bound[y] above every group but the current best: a group that
     // loses raises it, a best that is beaten does.
-    auto challenge = [&](int64_t y, int64_t t, double v) {
-      if (t == best_group[y]) return;
-      if (best_value[y] < 0.0) best_value[y] = ddiv_rn(numerator[y], den[best_group[y]]);
-      if (v > best_value[y] || (v == best_value[y] && t < best_group[y])) {
-        bound[y] = std::max(bound[y], best_value[y]);
-        best_value[y] = v;
+    auto challenge = [&](int64_t y, int64_t t, double num) {
+      const int64_t b = best_group[y];
+      if (t == b) return;
+      if (beats(num, t, best_num[y], b)) {
+        bound[y] = std::max(bound[y], upper(best_num[y], b));
+        best_num[y] = num;
         best_group[y] = t;
       } else {
-        bound[y] = std::max(bound[y], v);
+        bound[y] = std::max(bound[y], upper(num, t));
       }
     };
     for (int64_t y = 0; y < n; ++y) {
       const int64_t o = owner[y];
-      double own;
+      best_group[y] = o;
+      best_num[y] = numerator[y];
       if (in_changed[o]) {
-        const double now = touched[y] ? psi_numerator(count_of(y, o), beta[y]) : numerator[y];
-        own = ddiv_rn(now, den[o]);
-        const double before =
-            ddiv_rn(numerator[y], dadd_rn(static_cast<double>(totals[offset + o] - delta[o]), beta0));
+        bool fell;
+        if (touched[y]) {
+          const double now = psi_numerator(count_of(y, o), beta[y]);
+          const double before = ddiv_rn(
+              numerator[y], dadd_rn(static_cast<double>(totals[offset + o] - delta[o]), beta0));
+          fell = ddiv_rn(now, den[o]) < before;
+          best_num[y] = now;
+        } else {
+          // Same numerator over a total that changed by delta[o]: with
+          // beta0 < 2^40 a different total is a different quotient.
+          fell = delta[o] > 0;
+        }
         // Its value fell: it still beats every group that did not gain
         // value if it beats their bound, the old runner-up (strictly, as the
         // bound knows no indices); else rescan.
-        if (own < before && !(own > bound[y])) {
-          best_group[y] = rescan(y, best_value[y]);
-          continue;
+        if (fell) {
+          const double p = best_num[y] * inv_den[o];
+          const bool above = p > bound[y] * kUp ||
+                             (!(p < bound[y] * kDown) && ddiv_rn(best_num[y], den[o]) > bound[y]);
+          if (!above) {
+            best_group[y] = rescan(y, best_num[y]);
+            continue;
+          }
         }
-      } else {
+      } else if (fewest >= 0) {
         // An owner outside C kept its value. Most classes are beyond the
-        // reach of `fewest` even with no image there: a product with
-        // 1 / den (within a few ulps of the quotient) shows it with a 2^-40
-        // margin, and the exact value is then formed only if a challenger
-        // asks for it (best_value < 0: the owner's, not yet formed; values
-        // are positive).
-        best_group[y] = o;
-        if (fewest < 0) {
-          best_value[y] = -1.0;
+        // reach of `fewest` even with no image there (the pass over D below
+        // challenges it where the class has some): only the bound rises.
+        const double reach = psi_numerator(0, beta[y]) * inv_den[fewest];
+        if (reach < numerator[y] * inv_den[o] * kDown) {
+          settle(y);
+          const double up = reach * kUp;
+          if (up > bound[y]) bound[y] = up;
           continue;
         }
-        const double reach = static_cast<double>(beta[y]) * inv_den[fewest];
-        if (reach < numerator[y] * inv_den[o] * kMargin) {
-          // `fewest` (with no image of the class; where it has some, the
-          // bitmap pass below challenges it) cannot beat the owner; it only
-          // raises the bound, here by an upper estimate of its value.
-          const double above = reach * kAbove;
-          if (above > bound[y]) bound[y] = above;
-          best_value[y] = -1.0;
-          continue;
-        }
-        own = ddiv_rn(numerator[y], den[o]);
       }
-      best_value[y] = own;
-      best_group[y] = o;
       if (fewest >= 0) {
+        settle(y);
         const int32_t c = has_images(fewest, y) ? count_of(y, fewest) : 0;
-        challenge(y, fewest, ddiv_rn(psi_numerator(c, beta[y]), den[fewest]));
+        if (y + 16 < n && has_images(fewest, y + 16)) prefetch_read(&level_counts[(y + 16) * width + fewest]);
+        challenge(y, fewest, psi_numerator(c, beta[y]));
         // the groups of D where the class has no image, which lose to `fewest`
-        bound[y] = std::max(bound[y], ddiv_rn(psi_numerator(0, beta[y]), den[fewest]));
+        bound[y] = std::max(bound[y], upper(psi_numerator(0, beta[y]), fewest));
       }
     }
     // A rescanned class already holds its argmax, which these cannot beat.
     for (int64_t i = 0; i < m; ++i) {
-      challenge(cls[i], olds[i], value(cls[i], olds[i]));
-      challenge(cls[i], news[i], value(cls[i], news[i]));
+      const int64_t y = cls[i];
+      challenge(y, olds[i], psi_numerator(count_of(y, olds[i]), beta[y]));
+      challenge(y, news[i], psi_numerator(count_of(y, news[i]), beta[y]));
     }
+    // The groups of D against the classes with images there: challenged
+    // (their counts read) where `needs` says so, else only the bound lifted.
+    // A rescanned class holds its argmax and a tight bound: neither.
     for (const int64_t t : changed) {
       if (delta[t] >= 0) continue;
       const uint64_t* row = bits + t * words;
       for (int64_t w = 0; w < words; ++w) {
-        uint64_t word = row[w];
+        uint64_t word = row[w] & needs[w];
+        uint64_t lift = row[w] & ~needs[w] & settled[w];
         while (word) {
           const int64_t y = w * 64 + __builtin_ctzll(word);
           word &= word - 1;
-          challenge(y, t, value(y, t));
+          challenge(y, t, psi_numerator(count_of(y, t), beta[y]));
+        }
+        while (lift) {
+          const int64_t y = w * 64 + __builtin_ctzll(lift);
+          lift &= lift - 1;
+          if (lifted[y] > bound[y]) bound[y] = lifted[y];
         }
       }
     }
+    // The owners settle here, and every group's normaliser is re-summed on
+    // the way, in class order (the order of a rebuild, so the same bits).
     for (int64_t y = 0; y < n; ++y) {
       const int64_t g = best_group[y];
       if (g != owner[y]) {
         switched.push_back(y);
         previous.push_back(owner[y]);
         owner[y] = g;
-        numerator[y] = psi_numerator(count_of(y, g), beta[y]);
+        numerator[y] = best_num[y];
       } else if (touched[y]) {
-        numerator[y] = psi_numerator(count_of(y, g), beta[y]);
+        numerator[y] = best_num[y];
       }
+      normaliser[g] = dadd_rn(normaliser[g], numerator[y]);
     }
-    // A group's owned set changes only through the switched classes and its
-    // numerators only at the moved (touched) classes; its n_t (the factor of
-    // a group owning nothing) only in the changed groups.
-    affected.assign(size, 0);
-    for (const int64_t t : changed) affected[t] = 1;
-    for (int64_t i = 0; i < m; ++i) affected[owner[cls[i]]] = 1;
+    for (int64_t i = 0; i < m; ++i) touched[cls[i]] = 0;
     std::copy(kept, kept + size, new_kept.begin());
     for (size_t i = 0; i < switched.size(); ++i) {
       new_kept[previous[i]] -= 1;
       new_kept[owner[switched[i]]] += 1;
-      affected[previous[i]] = 1;
-      affected[owner[switched[i]]] = 1;
     }
   }
-  // Normalisers summed in class order in full and incremental updates alike,
-  // so both give the same bits; an incremental update re-sums only the
-  // affected groups (every other group's sum is unchanged, and so is its
-  // stored factor).
-  std::vector<double> normaliser(size, 0.0);
   if (full) {
     for (int64_t y = 0; y < n; ++y) {
       new_kept[owner[y]] += 1;
       normaliser[owner[y]] = dadd_rn(normaliser[owner[y]], numerator[y]);
-    }
-  } else {
-    for (int64_t y = 0; y < n; ++y) {
-      const int64_t t = owner[y];
-      if (affected[t]) normaliser[t] = dadd_rn(normaliser[t], numerator[y]);
     }
   }
   auto entry = [&](int64_t y, int64_t t) {
@@ -725,7 +839,6 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
     }
   }
   for (int64_t t = 0; t < size; ++t) {
-    if (!full && !affected[t]) continue;
     scale[offset + t] = static_cast<scalar_t>(
         new_kept[t] != 0 ? ddiv_rn(1.0, normaliser[t]) : psi_group_scale(totals[offset + t], beta0));
     kept[t] = new_kept[t];
@@ -766,8 +879,11 @@ inline void update_owners_on_host(at::Tensor& psi_t, at::Tensor& psi_scale, at::
   }
   if (!full && moved_cls.empty()) return;
   if (!full) {
+    // One branch-free pass (it vectorises); the message is built only on failure.
     const int64_t* own = owner.data_ptr<int64_t>();
-    for (int64_t y = 0; y < n; ++y) {
+    bool bad = false;
+    for (int64_t y = 0; y < n; ++y) bad |= static_cast<uint64_t>(own[y]) >= static_cast<uint64_t>(size);
+    for (int64_t y = 0; bad && y < n; ++y) {
       TORCH_CHECK(own[y] >= 0 && own[y] < size, "lmm_fast: owner[", y, "] = ", own[y],
                   " is out of range [0, ", size, "): the state was never built (full=True)");
     }

@@ -65,6 +65,15 @@ TORCH_LIBRARY(lmm_fast, m) {
   m.def(
       "gibbs_refresh_psi_entries(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor counts_t, "
       "Tensor group_totals, Tensor beta, float beta0, Tensor rows, Tensor columns) -> ()");
+  // Moves a batch's images from their old to their new group labels: for
+  // every image b and upper level l with old_labels[b, l] != new_labels[b, l],
+  // counts_t[target[b], off_l + old] -= 1 and += 1 at the new label,
+  // group_totals likewise; then labels[image_ids[b]] = new_labels[b].
+  // Integer updates, so the result does not depend on their order.
+  m.def(
+      "gibbs_apply_moves(Tensor(a!) counts_t, Tensor(b!) group_totals, Tensor(c!) labels, "
+      "Tensor target, Tensor image_ids, Tensor old_labels, Tensor new_labels, "
+      "int[] level_sizes) -> ()");
   // Non-overlapping Psi of one upper level (columns [offset, offset + size)):
   // updates the level's owner state (owner [N] int64: best group of each
   // class, lowest on ties; numerator [N] float64: Omega[owner, y] + beta_y;
@@ -76,6 +85,14 @@ TORCH_LIBRARY(lmm_fast, m) {
   // it from the counts instead.
   m.def(
       "gibbs_update_owners(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor(c!) owner, "
+      "Tensor(d!) numerator, Tensor(e!) kept, Tensor(f!) nonzero, Tensor(g!) bound, Tensor counts_t, "
+      "Tensor group_totals, Tensor beta, float beta0, int offset, int size, Tensor classes, "
+      "Tensor old_groups, Tensor new_groups, bool full) -> ()");
+  // The same update computed by the CUDA algorithm run phase by phase, thread
+  // index by thread index, on the CPU: lets the tests check the device
+  // algorithm without a GPU (bit-identical results; CPU only).
+  m.def(
+      "gibbs_update_owners_emulated(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor(c!) owner, "
       "Tensor(d!) numerator, Tensor(e!) kept, Tensor(f!) nonzero, Tensor(g!) bound, Tensor counts_t, "
       "Tensor group_totals, Tensor beta, float beta0, int offset, int size, Tensor classes, "
       "Tensor old_groups, Tensor new_groups, bool full) -> ()");

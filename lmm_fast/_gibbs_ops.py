@@ -13,8 +13,8 @@ from torch import Tensor
 
 from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
 
-__all__ = ["gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
-           "gibbs_update_owners"]
+__all__ = ["gibbs_apply_moves", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
+           "gibbs_update_owners", "gibbs_update_owners_emulated"]
 
 
 def gibbs_sample(
@@ -182,13 +182,41 @@ def gibbs_update_owners(
     and only the affected classes and groups are read and written;
     the result equals a full rebuild bit for bit.
 
-    On CUDA this runs the CPU algorithm on host copies (correct, not fast).
+    On CUDA it runs as a sequence of parallel kernels with the same results
+    (see :func:`gibbs_update_owners_emulated`).
     """
     torch.ops.lmm_fast.gibbs_update_owners.default(
         psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
         int(offset), int(size), classes, old_groups, new_groups, bool(full),
     )
     _written(psi_t, psi_scale)
+
+
+def gibbs_apply_moves(
+    counts_t: Tensor,
+    group_totals: Tensor,
+    labels: Tensor,
+    target: Tensor,
+    image_ids: Tensor,
+    old_labels: Tensor,
+    new_labels: Tensor,
+    level_sizes: Sequence[int],
+) -> None:
+    """Move a batch's images from their old to their new groups, in place.
+
+    For every image ``b`` and upper level ``l``, Ω (``counts_t`` ``[N, Σ_upper
+    N_l]`` int32, class-major) and ``n`` (``group_totals`` int32) lose one at
+    ``(target[b], old_labels[b, l])`` and gain one at ``(target[b],
+    new_labels[b, l])``; then ``labels[image_ids[b]] = new_labels[b]``
+    (``labels`` ``[Ξ, L-1]`` int64, contiguous). One op instead of five
+    indexing ops. ``image_ids`` must be distinct (the adapter checks it).
+    Out-of-range values raise before anything is written on the CPU; on CUDA
+    they trip a device assert, as in the sampler.
+    """
+    torch.ops.lmm_fast.gibbs_apply_moves.default(
+        counts_t, group_totals, labels, target, image_ids, old_labels, new_labels, list(level_sizes)
+    )
+    _written(counts_t, group_totals, labels)
 
 
 def _written(*tensors: Tensor) -> None:
@@ -228,4 +256,52 @@ def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, be
 @torch.library.register_fake("lmm_fast::gibbs_update_owners")
 def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals,
                               beta, beta0, offset, size, classes, old_groups, new_groups, full):
+    return None
+
+
+def gibbs_update_owners_emulated(
+    psi_t: Tensor,
+    psi_scale: Tensor,
+    owner: Tensor,
+    numerator: Tensor,
+    kept: Tensor,
+    nonzero: Tensor,
+    bound: Tensor,
+    counts_t: Tensor,
+    group_totals: Tensor,
+    beta: Tensor,
+    beta0: float,
+    offset: int,
+    size: int,
+    classes: Tensor,
+    old_groups: Tensor,
+    new_groups: Tensor,
+    full: bool = False,
+) -> None:
+    """:func:`gibbs_update_owners` computed by the CUDA op's parallel algorithm,
+    run on the CPU phase by phase, each phase a serial loop over its thread
+    indices in a scrambled order (CPU tensors only).
+
+    Arguments, checks and results as :func:`gibbs_update_owners`: ``psi_t``,
+    ``psi_scale``, ``owner``, ``numerator``, ``kept`` and ``nonzero`` are bit
+    for bit the sequential op's (``bound``, an upper bound, may differ). It
+    exists to test the device algorithm where there is no GPU.
+    """
+    torch.ops.lmm_fast.gibbs_update_owners_emulated.default(
+        psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
+        int(offset), int(size), classes, old_groups, new_groups, bool(full),
+    )
+    _written(psi_t, psi_scale)
+
+
+@torch.library.register_fake("lmm_fast::gibbs_update_owners_emulated")
+def _gibbs_update_owners_emulated_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
+                                       group_totals, beta, beta0, offset, size, classes, old_groups,
+                                       new_groups, full):
+    return None
+
+
+@torch.library.register_fake("lmm_fast::gibbs_apply_moves")
+def _gibbs_apply_moves_fake(counts_t, group_totals, labels, target, image_ids, old_labels, new_labels,
+                            level_sizes):
     return None

@@ -405,8 +405,7 @@ class GibbsAdapter:
             self._labels[indices] = new
         else:
             new = self._draw(logits, target, indices, old)
-            self._apply(target, old, new)
-            self._labels[indices] = new
+            self._apply(target, indices, old, new)
         self._after_counts_changed(target, old, new)
         return new
 
@@ -416,16 +415,11 @@ class GibbsAdapter:
             self.level_sizes + [self.num_classes], self.seed, self.step_count, indices,
         )
 
-    def _apply(self, target: Tensor, old: Tensor, new: Tensor) -> None:
-        """Moves the images from their old to their new groups in Ω and n."""
-        cols_old = (old + self._offsets_t).reshape(-1)
-        cols_new = (new + self._offsets_t).reshape(-1)
-        rows = target[:, None].expand_as(old).reshape(-1)
-        ones = torch.ones(cols_old.numel(), dtype=torch.int32, device=self.device)
-        self.counts_t.index_put_((rows, cols_old), -ones, accumulate=True)
-        self.counts_t.index_put_((rows, cols_new), ones, accumulate=True)
-        self.group_totals.index_add_(0, cols_old, -ones)
-        self.group_totals.index_add_(0, cols_new, ones)
+    def _apply(self, target: Tensor, indices: Tensor, old: Tensor, new: Tensor) -> None:
+        """Moves the images from their old to their new groups in Ω and n and
+        records their new labels (one op; integer updates, order-independent)."""
+        _gibbs_ops.gibbs_apply_moves(self.counts_t, self.group_totals, self._labels, target, indices, old, new,
+                                     self.level_sizes + [self.num_classes])
         self._move_group_major(target, old, new)
 
     def _after_counts_changed(self, target: Tensor, old: Tensor, new: Tensor) -> None:
@@ -557,8 +551,9 @@ class GibbsAdapter:
                 new = old.clone()
         else:
             new = all_new
-            self._apply(all_target, old, new)
-        self._labels[all_indices] = new
+            self._apply(all_target, all_indices, old, new)
+        if exact:
+            self._labels[all_indices] = new
         self._after_counts_changed(all_target, old, new)
         rank = dist.get_rank(self._group)
         start = sum(sizes[:rank])

@@ -905,3 +905,82 @@ def test_cuda_adapter_equals_cpu(non_overlapping):
     torch.testing.assert_close(loss_gpu.effective_psi_t().cpu(), loss_cpu.effective_psi_t(), rtol=1e-6, atol=1e-7)
     with pytest.raises(ValueError, match="is on cpu"):
         gpu.step(logits, target.cuda(), idx.cuda())
+
+
+# ------------------------------------------------------------ apply moves
+def apply_moves_inputs(seed, sizes, images, batch):
+    gen = torch.Generator().manual_seed(seed)
+    classes, labels, counts_t, totals = consistent_state(gen, sizes, images)
+    idx = torch.randperm(images, generator=gen)[:batch]
+    old = labels[idx].clone()
+    new = torch.stack([torch.randint(0, k, (batch,), generator=gen) for k in sizes[:-1]], 1)
+    new[::3] = old[::3]  # some labels stay
+    return classes, labels.contiguous(), counts_t, totals, idx, old, new
+
+
+@pytest.mark.parametrize("sizes,images,batch", [([1, 4], 9, 5), ([3, 7, 11], 200, 37), ([10, 100, 1000], 3000, 256)])
+def test_apply_moves_equals_histogram_of_new_labels(sizes, images, batch):
+    classes, labels, counts_t, totals, idx, old, new = apply_moves_inputs(sizes[-1] + batch, sizes, images, batch)
+    ops.gibbs_apply_moves(counts_t, totals, labels, classes[idx], idx, old, new, sizes)
+    expected = labels.clone()
+    expected[idx] = new
+    assert torch.equal(labels, expected)
+    counts = ref.counts_from_labels(labels, classes, sizes)
+    assert torch.equal(counts_t, torch.cat([c.t() for c in counts], 1).to(torch.int32))
+    assert torch.equal(totals, torch.cat([c.sum(1) for c in counts]).to(torch.int32))
+
+
+def test_apply_moves_opcheck_and_empty_batch():
+    classes, labels, counts_t, totals, idx, old, new = apply_moves_inputs(5, [3, 7, 11], 200, 37)
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_apply_moves.default,
+                          (counts_t, totals, labels, classes[idx], idx, old, new, [3, 7, 11]))
+    before = (counts_t.clone(), totals.clone(), labels.clone())
+    none = torch.empty(0, dtype=torch.long)
+    ops.gibbs_apply_moves(counts_t, totals, labels, none, none, old[:0], new[:0], [3, 7, 11])
+    assert all(torch.equal(a, b) for a, b in zip(before, (counts_t, totals, labels)))
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("target", 11, "target\\[2\\] = 11 is out of range"),
+    ("target", -1, "target\\[2\\] = -1 is out of range"),
+    ("idx", 200, "image_ids\\[2\\] = 200 is out of range"),
+    ("old", 3, "old_labels\\[2, 0\\] = 3 is out of range"),
+    ("new", 7, "new_labels\\[2, 0\\] = 7 is out of range"),
+])
+def test_apply_moves_refuses_bad_values_and_writes_nothing(field, value, message):
+    classes, labels, counts_t, totals, idx, old, new = apply_moves_inputs(6, [3, 7, 11], 200, 8)
+    args = {"target": classes[idx].clone(), "idx": idx.clone(), "old": old.clone(), "new": new.clone()}
+    if field in ("old", "new"):
+        args[field][2, 0] = value
+    else:
+        args[field][2] = value
+    before = (counts_t.clone(), totals.clone(), labels.clone())
+    with pytest.raises(RuntimeError, match=message):
+        ops.gibbs_apply_moves(counts_t, totals, labels, args["target"], args["idx"], args["old"], args["new"],
+                              [3, 7, 11])
+    assert all(torch.equal(a, b) for a, b in zip(before, (counts_t, totals, labels)))
+
+
+def test_apply_moves_refuses_bad_shapes():
+    classes, labels, counts_t, totals, idx, old, new = apply_moves_inputs(7, [3, 7, 11], 200, 8)
+    y = classes[idx]
+    with pytest.raises(RuntimeError, match="counts_t must be a contiguous int32"):
+        ops.gibbs_apply_moves(counts_t.long(), totals, labels, y, idx, old, new, [3, 7, 11])
+    with pytest.raises(RuntimeError, match="labels must be a contiguous int64"):
+        ops.gibbs_apply_moves(counts_t, totals, labels.t(), y, idx, old, new, [3, 7, 11])
+    with pytest.raises(RuntimeError, match="new_labels must be int64 \\[batch, upper levels\\]"):
+        ops.gibbs_apply_moves(counts_t, totals, labels, y, idx, old, new[:, :1], [3, 7, 11])
+    with pytest.raises(RuntimeError, match="image_ids must be int64"):
+        ops.gibbs_apply_moves(counts_t, totals, labels, y, idx[:-1], old, new, [3, 7, 11])
+
+
+@pytest.mark.cuda
+def test_cuda_apply_moves_equals_cpu():
+    classes, labels, counts_t, totals, idx, old, new = apply_moves_inputs(8, [10, 100, 1000], 3000, 256)
+    gpu = [t.cuda() for t in (counts_t, totals, labels)]
+    ops.gibbs_apply_moves(*gpu, classes[idx].cuda(), idx.cuda(), old.cuda(), new.cuda(), [10, 100, 1000])
+    ops.gibbs_apply_moves(counts_t, totals, labels, classes[idx], idx, old, new, [10, 100, 1000])
+    for got, want in zip(gpu, (counts_t, totals, labels)):
+        assert torch.equal(got.cpu(), want)
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_apply_moves.default,
+                          (*gpu, classes[idx].cuda(), idx.cuda(), new.cuda(), old.cuda(), [10, 100, 1000]))

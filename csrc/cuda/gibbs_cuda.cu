@@ -355,46 +355,73 @@ void gibbs_refresh_psi_entries_cuda(at::Tensor& psi_t, at::Tensor& psi_scale,
   });
 }
 
-// Owner update under the non-overlapping constraint: runs the CPU algorithm
-// (gibbs::update_owners_host) on host copies and copies the written state and
-// Psi back. Correct, and bit-identical to the CPU op, but it moves psi_t and
-// counts_t across the bus on every call: a device kernel is still to be
-// written. Inputs are all checked on the device tensors before any copy.
-void gibbs_update_owners_cuda(at::Tensor& psi_t, at::Tensor& psi_scale, at::Tensor& owner,
-                              at::Tensor& numerator, at::Tensor& kept, at::Tensor& nonzero,
-                              at::Tensor& bound, const at::Tensor& counts_t, const at::Tensor& group_totals,
-                              const at::Tensor& beta, double beta0, int64_t offset, int64_t size,
-                              const at::Tensor& classes, const at::Tensor& old_groups,
-                              const at::Tensor& new_groups, bool full) {
-  gibbs::check_update_owners_inputs(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
-                                    group_totals, beta, beta0, offset, size, classes, old_groups,
-                                    new_groups);
-  if (!full && classes.numel() == 0) return;
-  const c10::cuda::CUDAGuard guard(psi_t.device());
-  const auto host = [](const at::Tensor& t) { return t.to(at::kCPU).contiguous(); };
-  at::Tensor psi_h = host(psi_t), scale_h = host(psi_scale), owner_h = host(owner);
-  at::Tensor numerator_h = host(numerator), kept_h = host(kept), nonzero_h = host(nonzero);
-  at::Tensor bound_h = host(bound);
-  gibbs::update_owners_on_host(psi_h, scale_h, owner_h, numerator_h, kept_h, nonzero_h, bound_h,
-                               host(counts_t), host(group_totals), host(beta), beta0, offset, size,
-                               host(classes), host(old_groups), host(new_groups), full);
-  psi_t.copy_(psi_h);
-  psi_scale.copy_(scale_h);
-  owner.copy_(owner_h);
-  numerator.copy_(numerator_h);
-  kept.copy_(kept_h);
-  nonzero.copy_(nonzero_h);
-  bound.copy_(bound_h);
+// One thread per (image, upper level): integer atomics, so the counts do not
+// depend on the order of the threads. Values are checked by device asserts,
+// like the sampler's (a host check would cost a synchronisation per step).
+__global__ void gibbs_apply_moves_kernel(int32_t* __restrict__ counts, int32_t* __restrict__ totals,
+                                         int64_t* __restrict__ labels,
+                                         const int64_t* __restrict__ target,
+                                         const int64_t* __restrict__ ids,
+                                         const int64_t* __restrict__ olds,
+                                         const int64_t* __restrict__ news, LevelTable levels,
+                                         int64_t batch, int64_t images) {
+  const int64_t tasks = batch * levels.num_upper;
+  for (int64_t k = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; k < tasks;
+       k += static_cast<int64_t>(blockDim.x) * gridDim.x) {
+    const int64_t b = k / levels.num_upper;
+    const int l = static_cast<int>(k - b * levels.num_upper);
+    const int64_t y = target[b];
+    const int64_t id = ids[b];
+    const int64_t from = olds[k];
+    const int64_t to = news[k];
+    CUDA_KERNEL_ASSERT(y >= 0 && y < levels.num_classes && "lmm_fast: target out of range");
+    CUDA_KERNEL_ASSERT(id >= 0 && id < images && "lmm_fast: image_ids out of range");
+    CUDA_KERNEL_ASSERT(from >= 0 && from < levels.sizes[l] && "lmm_fast: old_labels out of range");
+    CUDA_KERNEL_ASSERT(to >= 0 && to < levels.sizes[l] && "lmm_fast: new_labels out of range");
+    labels[id * levels.num_upper + l] = to;
+    if (from == to) continue;
+    int32_t* row = counts + y * levels.upper_width + levels.offsets[l];
+    atomicSub(row + from, 1);
+    atomicAdd(row + to, 1);
+    atomicSub(totals + levels.offsets[l] + from, 1);
+    atomicAdd(totals + levels.offsets[l] + to, 1);
+  }
+}
+
+void gibbs_apply_moves_cuda(at::Tensor& counts_t, at::Tensor& group_totals, at::Tensor& labels,
+                            const at::Tensor& target_in, const at::Tensor& image_ids_in,
+                            const at::Tensor& old_in, const at::Tensor& new_in,
+                            c10::IntArrayRef level_sizes) {
+  const Geometry g = gibbs::check_apply_moves_inputs(counts_t, group_totals, labels, target_in,
+                                                     image_ids_in, old_in, new_in, level_sizes);
+  if (g.batch == 0) return;
+  const c10::cuda::CUDAGuard guard(counts_t.device());
+  const LevelTable levels = make_level_table(g);
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor ids = image_ids_in.contiguous();
+  const at::Tensor olds = old_in.contiguous();
+  const at::Tensor news = new_in.contiguous();
+  constexpr int kThreads = 256;
+  const int64_t tasks = g.batch * g.num_upper();
+  const unsigned blocks =
+      static_cast<unsigned>(std::min<int64_t>((tasks + kThreads - 1) / kThreads, 65535 * 8));
+  gibbs_apply_moves_kernel<<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+      counts_t.data_ptr<int32_t>(), group_totals.data_ptr<int32_t>(), labels.data_ptr<int64_t>(),
+      target.data_ptr<int64_t>(), ids.data_ptr<int64_t>(), olds.data_ptr<int64_t>(),
+      news.data_ptr<int64_t>(), levels, g.batch, labels.size(0));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 }  // namespace
 
+// gibbs_update_owners has its own kernels and registration in
+// gibbs_owners_cuda.cu (the phases of gibbs_owners_parallel.h).
 TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
   m.impl("gibbs_sample", &gibbs_sample_cuda);
   m.impl("gibbs_sample_exact", &gibbs_sample_exact_cuda);
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cuda);
   m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cuda);
-  m.impl("gibbs_update_owners", &gibbs_update_owners_cuda);
+  m.impl("gibbs_apply_moves", &gibbs_apply_moves_cuda);
 }
 
 }  // namespace lmm_fast
