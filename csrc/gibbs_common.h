@@ -2,7 +2,7 @@
 //
 // One draw of an image's group label at one level (paper Eq. 4):
 //
-//   w_t = exp(-(max a - a_t)) * (Omega'[t, y] + beta_y) / (n'_t + beta_0)
+//   w_t = exp(-(max a - a_t)) * (Omega'[t, y] + beta_y) * (1 / (n'_t + beta_0))
 //
 // where Omega' and n' exclude the image's own current label. To give the same
 // label on every device, for any thread count and summation order:
@@ -169,15 +169,21 @@ LMM_FAST_HOST_DEVICE float exp_negated(float y) {
   return mul_rn(p, uint_bits_to_float(biased << 23));
 }
 
-// Unnormalised probability of one candidate group (see the top of the file).
-// Anything but a positive finite number (only inconsistent counts or NaN
-// logits lead there) is 0, so the candidate cannot be drawn.
+// 1 / (n_t + beta0) of a group in float32. The CPU forms it once per group
+// and call, the device per candidate: the same bits either way.
+LMM_FAST_HOST_DEVICE float group_reciprocal(int32_t total, float beta0) {
+  return div_rn(1.0f, add_rn(static_cast<float>(total), beta0));
+}
+
+// Unnormalised probability of one candidate group (see the top of the file):
+// exp(-(max - logit)) * ((count + beta_y) * reciprocal), with the group's
+// group_reciprocal. Anything but a positive finite number (only inconsistent
+// counts or NaN logits lead there) is 0, so the candidate cannot be drawn.
 LMM_FAST_HOST_DEVICE float candidate_weight(float logit, float max_logit, int32_t count,
-                                            int32_t total, float beta_y, float beta0) {
+                                            float reciprocal, float beta_y) {
   const float e = exp_negated(sub_rn(max_logit, logit));
   const float numerator = add_rn(static_cast<float>(count), beta_y);
-  const float denominator = add_rn(static_cast<float>(total), beta0);
-  const uint32_t bits = float_to_bits(mul_rn(e, div_rn(numerator, denominator)));
+  const uint32_t bits = float_to_bits(mul_rn(e, mul_rn(numerator, reciprocal)));
   // Positive finite floats are the patterns 1 .. 0x7f7fffff (integer select,
   // as in exp_negated).
   return uint_bits_to_float(bits - 1u < 0x7F7FFFFFu ? bits : 0u);
@@ -409,6 +415,22 @@ inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index,
 }
 
 
+// gibbs_check_batch: 1-D int64 indices and target of one length, 1-D int64
+// train_targets, one device.
+inline void check_batch_inputs(const at::Tensor& indices, const at::Tensor& target,
+                               const at::Tensor& train_targets) {
+  for (const auto& pair : {std::make_pair(&indices, "indices"), std::make_pair(&target, "target"),
+                           std::make_pair(&train_targets, "train_targets")}) {
+    TORCH_CHECK(pair.first->dim() == 1 && pair.first->scalar_type() == at::kLong,
+                "lmm_fast: ", pair.second, " must be a 1-D int64 tensor, got ",
+                pair.first->scalar_type(), " of shape ", pair.first->sizes());
+    TORCH_CHECK(pair.first->device() == indices.device(), "lmm_fast: ", pair.second,
+                " must be on indices' device ", indices.device(), ", got ", pair.first->device());
+  }
+  TORCH_CHECK(target.size(0) == indices.size(0), "lmm_fast: target must have indices' length ",
+              indices.size(0), ", got ", target.size(0));
+}
+
 // gibbs_apply_moves: shapes, dtypes, devices and layout; returns the geometry
 // of the levels (upper level sizes and offsets, N).
 inline Geometry check_apply_moves_inputs(const at::Tensor& counts_t, const at::Tensor& group_totals,
@@ -531,6 +553,28 @@ inline void prefetch_read(const void* p) {
   (void)p;
 #endif
 }
+
+// Per-group float64 sums in the order of the adds. Consecutive adds to one
+// group (classes of a group tend to be neighbours) accumulate in a register
+// instead of through memory, which would chain each add to the previous
+// one's store; the order, hence every bit, is that of plain `sum[g] += v`.
+struct RunningSums {
+  double* sum;
+  int64_t group = -1;
+  double acc = 0.0;
+  explicit RunningSums(double* s) : sum(s) {}
+  void add(int64_t g, double v) {
+    if (g != group) {
+      if (group >= 0) sum[group] = acc;
+      group = g;
+      acc = sum[g];
+    }
+    acc = dadd_rn(acc, v);
+  }
+  void flush() {
+    if (group >= 0) sum[group] = acc;
+  }
+};
 
 template <typename scalar_t>
 void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* numerator,
@@ -679,21 +723,28 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
       }
     }
     gain *= kUp;
-    thread_local std::vector<double> lifted_buffer;
-    thread_local std::vector<uint64_t> needs_buffer, settled_buffer;
-    if (static_cast<int64_t>(lifted_buffer.size()) < n) lifted_buffer.resize(n);
+    // Classes with images in some group of D (the union of their bitmap rows).
+    thread_local std::vector<uint64_t> in_d_buffer, needs_buffer;
+    in_d_buffer.assign(words, 0);
     needs_buffer.assign(words, 0);
-    settled_buffer.assign(words, 0);
-    double* lifted = lifted_buffer.data();
+    uint64_t* in_d = in_d_buffer.data();
     uint64_t* needs = needs_buffer.data();
-    uint64_t* settled = settled_buffer.data();
-    // After the class's first candidates are settled: skip the pairs of D
-    // if its best beats the lifted bound (with the 2^-40 product margin).
+    for (const int64_t t : changed) {
+      if (delta[t] >= 0) continue;
+      const uint64_t* row = bits + t * words;
+      for (int64_t w = 0; w < words; ++w) in_d[w] |= row[w];
+    }
+    // After the class's first candidates are settled: if its best beats the
+    // lifted bound (with the 2^-40 product margin), the groups of D are only
+    // folded into its bound, else it is marked in `needs`.
     auto settle = [&](int64_t y) {
-      settled[y >> 6] |= uint64_t(1) << (y & 63);
-      lifted[y] = bound[y] * gain;
-      if (!(best_num[y] * inv_den[best_group[y]] > lifted[y] * kUp)) {
-        needs[y >> 6] |= uint64_t(1) << (y & 63);
+      const uint64_t bit = uint64_t(1) << (y & 63);
+      if (!(in_d[y >> 6] & bit)) return;
+      const double lifted = bound[y] * gain;
+      if (best_num[y] * inv_den[best_group[y]] > lifted * kUp) {
+        bound[y] = lifted;
+      } else {
+        needs[y >> 6] |= bit;
       }
     };
     // Keeps bound[y] above every group but the current best: a group that
@@ -765,29 +816,24 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
       challenge(y, olds[i], psi_numerator(count_of(y, olds[i]), beta[y]));
       challenge(y, news[i], psi_numerator(count_of(y, news[i]), beta[y]));
     }
-    // The groups of D against the classes with images there: challenged
-    // (their counts read) where `needs` says so, else only the bound lifted.
-    // A rescanned class holds its argmax and a tight bound: neither.
+    // The groups of D against the classes marked in `needs` (their counts
+    // read); the others folded the groups into their bound in `settle`, and
+    // a rescanned class holds its argmax and a tight bound.
     for (const int64_t t : changed) {
       if (delta[t] >= 0) continue;
       const uint64_t* row = bits + t * words;
       for (int64_t w = 0; w < words; ++w) {
         uint64_t word = row[w] & needs[w];
-        uint64_t lift = row[w] & ~needs[w] & settled[w];
         while (word) {
           const int64_t y = w * 64 + __builtin_ctzll(word);
           word &= word - 1;
           challenge(y, t, psi_numerator(count_of(y, t), beta[y]));
         }
-        while (lift) {
-          const int64_t y = w * 64 + __builtin_ctzll(lift);
-          lift &= lift - 1;
-          if (lifted[y] > bound[y]) bound[y] = lifted[y];
-        }
       }
     }
     // The owners settle here, and every group's normaliser is re-summed on
     // the way, in class order (the order of a rebuild, so the same bits).
+    RunningSums sums(normaliser.data());
     for (int64_t y = 0; y < n; ++y) {
       const int64_t g = best_group[y];
       if (g != owner[y]) {
@@ -798,8 +844,9 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
       } else if (touched[y]) {
         numerator[y] = best_num[y];
       }
-      normaliser[g] = dadd_rn(normaliser[g], numerator[y]);
+      sums.add(g, numerator[y]);
     }
+    sums.flush();
     for (int64_t i = 0; i < m; ++i) touched[cls[i]] = 0;
     std::copy(kept, kept + size, new_kept.begin());
     for (size_t i = 0; i < switched.size(); ++i) {
@@ -808,10 +855,12 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
     }
   }
   if (full) {
+    RunningSums sums(normaliser.data());
     for (int64_t y = 0; y < n; ++y) {
       new_kept[owner[y]] += 1;
-      normaliser[owner[y]] = dadd_rn(normaliser[owner[y]], numerator[y]);
+      sums.add(owner[y], numerator[y]);
     }
+    sums.flush();
   }
   auto entry = [&](int64_t y, int64_t t) {
     psi[y * width + offset + t] = (owner[y] == t || new_kept[t] == 0)

@@ -65,6 +65,12 @@ TORCH_LIBRARY(lmm_fast, m) {
   m.def(
       "gibbs_refresh_psi_entries(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor counts_t, "
       "Tensor group_totals, Tensor beta, float beta0, Tensor rows, Tensor columns) -> ()");
+  // Checks a batch of training-image indices against the dataset: returns
+  // int64 [3] = (first position b with indices[b] outside [0, len(train_targets)),
+  // an image id that occurs twice, first position with train_targets[indices[b]]
+  // != target[b]), each -1 if there is none. One read of the result on the
+  // host answers all three.
+  m.def("gibbs_check_batch(Tensor indices, Tensor target, Tensor train_targets) -> Tensor");
   // Moves a batch's images from their old to their new group labels: for
   // every image b and upper level l with old_labels[b, l] != new_labels[b, l],
   // counts_t[target[b], off_l + old] -= 1 and += 1 at the new label,

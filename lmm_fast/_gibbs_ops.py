@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
 
-__all__ = ["gibbs_apply_moves", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
+__all__ = ["gibbs_apply_moves", "gibbs_check_batch", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
            "gibbs_update_owners", "gibbs_update_owners_emulated"]
 
 
@@ -219,6 +219,18 @@ def gibbs_apply_moves(
     _written(counts_t, group_totals, labels)
 
 
+def gibbs_check_batch(indices: Tensor, target: Tensor, train_targets: Tensor) -> Tensor:
+    """Checks a batch of training-image ``indices`` ``[B]`` (with their classes
+    ``target`` ``[B]``) against ``train_targets`` ``[Ξ]`` (all int64, one device).
+
+    Returns int64 ``[3]``: the first position ``b`` with ``indices[b]`` outside
+    ``[0, Ξ)``, the smallest image id that occurs more than once, and the first
+    position with ``train_targets[indices[b]] != target[b]`` (among in-range
+    indices); ``-1`` where there is none. One host read answers all three.
+    """
+    return torch.ops.lmm_fast.gibbs_check_batch.default(indices, target, train_targets)
+
+
 def _written(*tensors: Tensor) -> None:
     # The C++ ops write through raw pointers, which does not bump the tensors'
     # version counters; the loss's caches (effective Ψ, tree index) are keyed
@@ -305,3 +317,8 @@ def _gibbs_update_owners_emulated_fake(psi_t, psi_scale, owner, numerator, kept,
 def _gibbs_apply_moves_fake(counts_t, group_totals, labels, target, image_ids, old_labels, new_labels,
                             level_sizes):
     return None
+
+
+@torch.library.register_fake("lmm_fast::gibbs_check_batch")
+def _gibbs_check_batch_fake(indices, target, train_targets):
+    return indices.new_empty(3)

@@ -339,24 +339,18 @@ class GibbsAdapter:
         if batch == 0:
             return logits, target, indices
         xi = self.num_images
-        safe = indices.clamp(0, xi - 1)
-        ordered = torch.sort(indices).values
-        flags = torch.stack([
-            ((indices >= 0) & (indices < xi)).all(),
-            (ordered[1:] != ordered[:-1]).all(),
-            (self.train_targets[safe] == target).all(),
-        ]).tolist()  # one device sync for all three checks
-        if not flags[0]:
-            bad = int(((indices < 0) | (indices >= xi)).nonzero()[0, 0])
-            raise ValueError(f"indices[{bad}] = {int(indices[bad])} is not a training image index in [0, {xi})")
-        if not flags[1]:
-            repeated = int(ordered[1:][ordered[1:] == ordered[:-1]][0])
-            raise ValueError(f"indices holds image {repeated} more than once: each image of a batch is sampled once")
-        if not flags[2]:
-            bad = int((self.train_targets[safe] != target).nonzero()[0, 0])
+        # one op and one device sync for the three checks
+        bad_index, repeated, bad_target = _gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
+        if bad_index >= 0:
             raise ValueError(
-                f"target[{bad}] = {int(target[bad])} but train_targets[indices[{bad}]] = "
-                f"train_targets[{int(indices[bad])}] = {int(self.train_targets[safe[bad]])}: "
+                f"indices[{bad_index}] = {int(indices[bad_index])} is not a training image index in [0, {xi})")
+        if repeated >= 0:
+            raise ValueError(f"indices holds image {repeated} more than once: each image of a batch is sampled once")
+        if bad_target >= 0:
+            image = int(indices[bad_target])
+            raise ValueError(
+                f"target[{bad_target}] = {int(target[bad_target])} but train_targets[indices[{bad_target}]] = "
+                f"train_targets[{image}] = {int(self.train_targets[image])}: "
                 f"indices must be the dataset positions of the batch's images"
             )
         return logits, target, indices

@@ -109,8 +109,8 @@ def candidate_weights(
     kernels compute them (counts/totals already exclude the image)."""
     e = exp_negated(np.float32(max_logit) - np.asarray(logits, dtype=np.float32))
     numerator = np.asarray(counts).astype(np.float32) + np.float32(beta_y)
-    denominator = np.asarray(totals).astype(np.float32) + np.float32(beta0)
-    w = e * (numerator / denominator)
+    reciprocal = np.float32(1.0) / (np.asarray(totals).astype(np.float32) + np.float32(beta0))
+    w = e * (numerator * reciprocal)
     bits = w.view(np.uint32)
     valid = (bits - np.uint32(1)) < np.uint32(0x7F7FFFFF)
     return np.where(valid, w, np.float32(0.0)).astype(np.float32)

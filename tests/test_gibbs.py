@@ -984,3 +984,34 @@ def test_cuda_apply_moves_equals_cpu():
         assert torch.equal(got.cpu(), want)
     torch.library.opcheck(torch.ops.lmm_fast.gibbs_apply_moves.default,
                           (*gpu, classes[idx].cuda(), idx.cuda(), new.cuda(), old.cuda(), [10, 100, 1000]))
+
+
+# ------------------------------------------------------------ batch checks
+def check_batch_cases():
+    train = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6])
+    yield torch.tensor([0, 5, 7]), torch.tensor([3, 9, 6]), [-1, -1, -1]
+    yield torch.tensor([0, 8, 7, -1]), torch.tensor([3, 9, 6, 0]), [1, -1, -1]
+    yield torch.tensor([4, 2, 4, 2]), torch.tensor([5, 4, 5, 4]), [-1, 2, -1]
+    yield torch.tensor([4, 2, 9, 1]), torch.tensor([5, 1, 0, 7]), [2, -1, 1]
+    yield torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), [-1, -1, -1]
+    yield torch.tensor([6]), torch.tensor([2]), [-1, -1, -1]
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)])
+def test_check_batch_finds_each_problem(device):
+    train = torch.tensor([3, 1, 4, 1, 5, 9, 2, 6], device=device)
+    for indices, target, expected in check_batch_cases():
+        got = ops.gibbs_check_batch(indices.to(device), target.to(device), train)
+        assert got.tolist() == expected, (indices.tolist(), target.tolist())
+    torch.library.opcheck(torch.ops.lmm_fast.gibbs_check_batch.default,
+                          (torch.tensor([4, 2, 9], device=device), torch.tensor([5, 1, 0], device=device), train))
+
+
+def test_check_batch_refuses_bad_inputs():
+    train = torch.tensor([3, 1, 4])
+    with pytest.raises(RuntimeError, match="indices must be a 1-D int64 tensor"):
+        ops.gibbs_check_batch(torch.tensor([0, 1], dtype=torch.int32), torch.tensor([3, 1]), train)
+    with pytest.raises(RuntimeError, match="target must have indices' length 2"):
+        ops.gibbs_check_batch(torch.tensor([0, 1]), torch.tensor([3]), train)
+    with pytest.raises(RuntimeError, match="train_targets must be a 1-D int64 tensor"):
+        ops.gibbs_check_batch(torch.tensor([0, 1]), torch.tensor([3, 1]), train[None])

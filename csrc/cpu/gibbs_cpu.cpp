@@ -3,8 +3,8 @@
 //
 // Per image and upper level the sampler makes three passes over the level's
 // N_l candidates, all but the first in L1: the largest logit; the weights and
-// their maximum (vectorised: a polynomial exp, two int-to-float conversions,
-// one division); the fixed-point values with their block sums and total.
+// their maximum (vectorised: a polynomial exp, an int-to-float conversion and
+// two products; the groups' 1 / (n_t + beta0) are formed once per call); the fixed-point values with their block sums and total.
 // The inverse-CDF scan then walks the N_l / 32 block sums and one block. The
 // next image's logits and counts rows are prefetched meanwhile.
 // The arithmetic is the one in gibbs_common.h, so labels are bit-identical to
@@ -14,6 +14,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -72,22 +73,22 @@ LMM_FAST_GIBBS_MULTIVERSION float max_value(const float* x, int64_t n, float ini
 // positive). A weight is a positive finite float or 0, so a plain max works.
 LMM_FAST_GIBBS_MULTIVERSION float level_weights(const float* x, int64_t begin, int64_t end,
                                                 float max_logit, const int32_t* counts,
-                                                const int32_t* totals, float beta_y, float beta0,
+                                                const float* reciprocals, float beta_y,
                                                 float* w) {
   float acc[kLanes];
   for (int j = 0; j < kLanes; ++j) acc[j] = 0.0f;
   int64_t t = begin;
   for (; t + kLanes <= end; t += kLanes) {
     for (int j = 0; j < kLanes; ++j) {
-      const float v = gibbs::candidate_weight(x[t + j], max_logit, counts[t + j], totals[t + j],
-                                              beta_y, beta0);
+      const float v = gibbs::candidate_weight(x[t + j], max_logit, counts[t + j],
+                                              reciprocals[t + j], beta_y);
       w[t + j] = v;
       acc[j] = v > acc[j] ? v : acc[j];
     }
   }
   float m = 0.0f;
   for (; t < end; ++t) {
-    w[t] = gibbs::candidate_weight(x[t], max_logit, counts[t], totals[t], beta_y, beta0);
+    w[t] = gibbs::candidate_weight(x[t], max_logit, counts[t], reciprocals[t], beta_y);
     m = w[t] > m ? w[t] : m;
   }
   for (int j = 0; j < kLanes; ++j) m = acc[j] > m ? acc[j] : m;
@@ -138,11 +139,13 @@ struct Workspace {
   explicit Workspace(int64_t n) : x(n), w(n), q(n), block_sums((n + kBlock - 1) / kBlock) {}
 };
 
-// One draw of the label of one image at one level. `counts` and `totals` point
-// at the level's part of the image's class row of counts_t and of
-// group_totals; `old` is the image's current label, which the weights exclude.
+// One draw of the label of one image at one level. `counts`, `totals` and
+// `reciprocals` point at the level's part of the image's class row of
+// counts_t, of group_totals and of their group_reciprocal; `old` is the
+// image's current label, which the weights exclude.
 template <typename T>
 int64_t sample_level(const T* logits, int64_t n, const int32_t* counts, const int32_t* totals,
+                     const float* reciprocals,
                      float beta_y, float beta0, int64_t old, uint64_t random, Workspace& ws) {
   const float* x;
   if constexpr (std::is_same_v<T, float>) {
@@ -155,10 +158,10 @@ int64_t sample_level(const T* logits, int64_t n, const int32_t* counts, const in
   float* w = ws.w.data();
   // The image's own label is weighed without the image (counts - 1): the
   // candidates before and after it in two vectorised runs.
-  float max_weight = level_weights(x, 0, old, max_logit, counts, totals, beta_y, beta0, w);
-  const float after = level_weights(x, old + 1, n, max_logit, counts, totals, beta_y, beta0, w);
-  w[old] = gibbs::candidate_weight(x[old], max_logit, counts[old] - 1, totals[old] - 1, beta_y,
-                                   beta0);
+  float max_weight = level_weights(x, 0, old, max_logit, counts, reciprocals, beta_y, w);
+  const float after = level_weights(x, old + 1, n, max_logit, counts, reciprocals, beta_y, w);
+  w[old] = gibbs::candidate_weight(x[old], max_logit, counts[old] - 1,
+                                   gibbs::group_reciprocal(totals[old] - 1, beta0), beta_y);
   max_weight = after > max_weight ? after : max_weight;
   max_weight = w[old] > max_weight ? w[old] : max_weight;
   if (!(max_weight > 0.0f)) return old;  // no finite logit: nothing to sample from
@@ -214,18 +217,27 @@ struct SampleArgs {
 
 template <typename T>
 int64_t sample_image_level(const SampleArgs<T>& a, const int32_t* counts_t,
-                           const int32_t* totals, int64_t b, int64_t l, Workspace& ws) {
+                           const int32_t* totals, const float* reciprocals, int64_t b, int64_t l,
+                           Workspace& ws) {
   const Geometry& g = *a.geo;
   const int64_t y = a.target[b];
   const int64_t offset = g.offsets[l];
   const uint64_t random = gibbs::label_draw(a.seed, a.step, static_cast<uint64_t>(a.image_ids[b]),
                                             static_cast<uint32_t>(l));
   return sample_level<T>(a.logits + b * a.row_stride + offset, g.sizes[l],
-                         counts_t + y * g.upper_width + offset, totals + offset, a.beta[y],
+                         counts_t + y * g.upper_width + offset, totals + offset,
+                         reciprocals + offset, a.beta[y],
                          a.beta0, a.old_labels[b * g.num_upper() + l], random, ws);
 }
 
 using Prepared = gibbs::PreparedSample;
+
+// group_reciprocal of every upper-level group, formed once per call.
+std::vector<float> group_reciprocals(const int32_t* totals, int64_t width, double beta0) {
+  std::vector<float> r(width);
+  for (int64_t t = 0; t < width; ++t) r[t] = gibbs::group_reciprocal(totals[t], static_cast<float>(beta0));
+  return r;
+}
 
 // The CPU kernels also check the values (ranges, repeats) before sampling.
 Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const at::Tensor& old_labels,
@@ -261,6 +273,7 @@ at::Tensor gibbs_sample_cpu(const at::Tensor& logits_in, const at::Tensor& targe
                                     static_cast<uint64_t>(step), &g};
     const int32_t* counts = counts_t.data_ptr<int32_t>();
     const int32_t* totals = group_totals.data_ptr<int32_t>();
+    const std::vector<float> reciprocals = group_reciprocals(totals, g.upper_width, beta0);
     int64_t* labels = out.data_ptr<int64_t>();
     at::parallel_for(0, g.batch, grain, [&](int64_t begin, int64_t end) {
       Workspace ws(g.max_size());
@@ -270,7 +283,8 @@ at::Tensor gibbs_sample_cpu(const at::Tensor& logits_in, const at::Tensor& targe
           prefetch_range(counts + args.target[b + 1] * g.upper_width, g.upper_width * sizeof(int32_t));
         }
         for (int64_t l = 0; l < g.num_upper(); ++l) {
-          labels[b * g.num_upper() + l] = sample_image_level(args, counts, totals, b, l, ws);
+          labels[b * g.num_upper() + l] =
+              sample_image_level(args, counts, totals, reciprocals.data(), b, l, ws);
         }
       }
     });
@@ -297,6 +311,7 @@ at::Tensor gibbs_sample_exact_cpu(const at::Tensor& logits_in, const at::Tensor&
                                     static_cast<uint64_t>(step), &g};
     int32_t* counts = counts_t.data_ptr<int32_t>();
     int32_t* totals = group_totals.data_ptr<int32_t>();
+    std::vector<float> reciprocals = group_reciprocals(totals, g.upper_width, beta0);
     int64_t* labels = out.data_ptr<int64_t>();
     Workspace ws(g.max_size());
     // Sequential by definition: each image sees the counts its predecessors left.
@@ -304,7 +319,8 @@ at::Tensor gibbs_sample_exact_cpu(const at::Tensor& logits_in, const at::Tensor&
       const int64_t y = args.target[b];
       for (int64_t l = 0; l < g.num_upper(); ++l) {
         const int64_t old = args.old_labels[b * g.num_upper() + l];
-        const int64_t label = sample_image_level(args, counts, totals, b, l, ws);
+        const int64_t label =
+            sample_image_level(args, counts, totals, reciprocals.data(), b, l, ws);
         labels[b * g.num_upper() + l] = label;
         if (label != old) {
           int32_t* row = counts + y * g.upper_width + g.offsets[l];
@@ -312,10 +328,46 @@ at::Tensor gibbs_sample_exact_cpu(const at::Tensor& logits_in, const at::Tensor&
           row[label] += 1;
           totals[g.offsets[l] + old] -= 1;
           totals[g.offsets[l] + label] += 1;
+          for (const int64_t t : {g.offsets[l] + old, g.offsets[l] + label}) {
+            reciprocals[t] = gibbs::group_reciprocal(totals[t], args.beta0);
+          }
         }
       }
     }
   });
+  return out;
+}
+
+// One pass over the batch and a sort of a copy of its indices.
+at::Tensor gibbs_check_batch_cpu(const at::Tensor& indices_in, const at::Tensor& target_in,
+                                 const at::Tensor& train_targets_in) {
+  gibbs::check_batch_inputs(indices_in, target_in, train_targets_in);
+  const at::Tensor indices = indices_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const at::Tensor train_targets = train_targets_in.contiguous();
+  const int64_t* idx = indices.data_ptr<int64_t>();
+  const int64_t* y = target.data_ptr<int64_t>();
+  const int64_t* train = train_targets.data_ptr<int64_t>();
+  const int64_t batch = indices.numel();
+  const int64_t images = train_targets.numel();
+  int64_t bad_index = -1, repeated = -1, bad_target = -1;
+  for (int64_t b = 0; b < batch; ++b) {
+    if (idx[b] < 0 || idx[b] >= images) {
+      if (bad_index < 0) bad_index = b;
+    } else if (bad_target < 0 && train[idx[b]] != y[b]) {
+      bad_target = b;
+    }
+  }
+  std::vector<int64_t> sorted(idx, idx + batch);
+  std::sort(sorted.begin(), sorted.end());
+  for (int64_t b = 1; b < batch && repeated < 0; ++b) {
+    if (sorted[b] == sorted[b - 1]) repeated = sorted[b];
+  }
+  at::Tensor out = at::empty({3}, indices.options());
+  int64_t* o = out.data_ptr<int64_t>();
+  o[0] = bad_index;
+  o[1] = repeated;
+  o[2] = bad_target;
   return out;
 }
 
@@ -478,6 +530,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
   m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cpu);
   m.impl("gibbs_update_owners", &gibbs_update_owners_cpu);
   m.impl("gibbs_apply_moves", &gibbs_apply_moves_cpu);
+  m.impl("gibbs_check_batch", &gibbs_check_batch_cpu);
 }
 
 }  // namespace lmm_fast

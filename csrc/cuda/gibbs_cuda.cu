@@ -12,6 +12,7 @@
 // Exact sampler: a single warp walks the batch in order, running the same
 // per-image routine and updating the counts in global memory between images.
 // It is sequential by definition and meant as the oracle, not for speed.
+#include <ATen/ATen.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -79,8 +80,8 @@ struct Candidates {
 
   __device__ __forceinline__ float weight(float logit, float max_logit, int64_t t) const {
     const int32_t own = t == old ? 1 : 0;
-    return gibbs::candidate_weight(logit, max_logit, counts[t] - own, totals[t] - own, beta_y,
-                                   beta0);
+    return gibbs::candidate_weight(logit, max_logit, counts[t] - own,
+                                   gibbs::group_reciprocal(totals[t] - own, beta0), beta_y);
   }
 };
 
@@ -412,6 +413,34 @@ void gibbs_apply_moves_cuda(at::Tensor& counts_t, at::Tensor& group_totals, at::
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The same answers from a few ATen ops on the device (a sort for the
+// repeats); the caller reads the 3 numbers with one synchronisation.
+at::Tensor gibbs_check_batch_cuda(const at::Tensor& indices, const at::Tensor& target,
+                                  const at::Tensor& train_targets) {
+  gibbs::check_batch_inputs(indices, target, train_targets);
+  const c10::cuda::CUDAGuard guard(indices.device());
+  const int64_t batch = indices.numel();
+  const int64_t images = train_targets.numel();
+  const auto none = at::full({1}, -1, indices.options());
+  if (batch == 0) return none.expand({3}).clone();
+  const auto positions = at::arange(batch, indices.options());
+  // the first position where `bad` holds, or -1
+  const auto first = [&](const at::Tensor& bad) {
+    return at::where(bad, positions, at::full_like(positions, batch)).min().where(bad.any(), none[0]);
+  };
+  const at::Tensor out_of_range = (indices < 0).logical_or(indices >= images);
+  const at::Tensor safe = indices.clamp(0, std::max<int64_t>(images - 1, 0));
+  const at::Tensor wrong = train_targets.index_select(0, safe).ne(target).logical_and(out_of_range.logical_not());
+  const at::Tensor sorted = std::get<0>(indices.sort());
+  const at::Tensor same = sorted.narrow(0, 1, batch - 1).eq(sorted.narrow(0, 0, batch - 1));
+  const at::Tensor repeated = batch > 1
+      ? at::where(same, sorted.narrow(0, 1, batch - 1),
+                  at::full_like(same, std::numeric_limits<int64_t>::max(), indices.options()))
+            .min().where(same.any(), none[0])
+      : none[0];
+  return at::stack({first(out_of_range), repeated, first(wrong)});
+}
+
 }  // namespace
 
 // gibbs_update_owners has its own kernels and registration in
@@ -422,6 +451,7 @@ TORCH_LIBRARY_IMPL(lmm_fast, CUDA, m) {
   m.impl("gibbs_refresh_psi", &gibbs_refresh_psi_cuda);
   m.impl("gibbs_refresh_psi_entries", &gibbs_refresh_psi_entries_cuda);
   m.impl("gibbs_apply_moves", &gibbs_apply_moves_cuda);
+  m.impl("gibbs_check_batch", &gibbs_check_batch_cuda);
 }
 
 }  // namespace lmm_fast
