@@ -546,13 +546,6 @@ inline void check_update_owners_inputs(const at::Tensor& psi_t, const at::Tensor
 // none (there its value is beta_y / (n_t + beta0)).
 // Values are (Omega + beta) / (n + beta0) in float64, exactly the reference's
 // expression, so that ties are seen as ties everywhere.
-inline void prefetch_read(const void* p) {
-#if defined(__GNUC__)
-  __builtin_prefetch(p, 0, 1);
-#else
-  (void)p;
-#endif
-}
 
 // Per-group float64 sums in the order of the adds. Consecutive adds to one
 // group (classes of a group tend to be neighbours) accumulate in a register
@@ -803,10 +796,11 @@ void update_owners_host(scalar_t* psi, scalar_t* scale, int64_t* owner, double* 
       }
       if (fewest >= 0) {
         settle(y);
-        const int32_t c = has_images(fewest, y) ? count_of(y, fewest) : 0;
-        if (y + 16 < n && has_images(fewest, y + 16)) prefetch_read(&level_counts[(y + 16) * width + fewest]);
-        challenge(y, fewest, psi_numerator(c, beta[y]));
-        // the groups of D where the class has no image, which lose to `fewest`
+        // `fewest` with no image of the class challenges with its zero-count
+        // value, which beats every other group of D where the class has none;
+        // where the class has images there, `fewest` is one of D's pairs
+        // (challenged if the class needs it, else under the lifted bound).
+        if (!has_images(fewest, y)) challenge(y, fewest, psi_numerator(0, beta[y]));
         bound[y] = std::max(bound[y], upper(psi_numerator(0, beta[y]), fewest));
       }
     }
