@@ -429,8 +429,11 @@ at::Tensor gibbs_check_batch_cuda(const at::Tensor& indices, const at::Tensor& t
     return at::where(bad, positions, at::full_like(positions, batch)).min().where(bad.any(), none[0]);
   };
   const at::Tensor out_of_range = (indices < 0).logical_or(indices >= images);
-  const at::Tensor safe = indices.clamp(0, std::max<int64_t>(images - 1, 0));
-  const at::Tensor wrong = train_targets.index_select(0, safe).ne(target).logical_and(out_of_range.logical_not());
+  const at::Tensor wrong =
+      images == 0 ? at::zeros_like(out_of_range)
+                  : train_targets.index_select(0, indices.clamp(0, images - 1))
+                        .ne(target)
+                        .logical_and(out_of_range.logical_not());
   const at::Tensor sorted = std::get<0>(indices.sort());
   const at::Tensor same = sorted.narrow(0, 1, batch - 1).eq(sorted.narrow(0, 0, batch - 1));
   const at::Tensor repeated = batch > 1
