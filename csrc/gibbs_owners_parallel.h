@@ -685,8 +685,9 @@ void run_phases(Runner& run, at::Tensor& psi_t, at::Tensor& psi_scale, at::Tenso
   run(KeptPhase<scalar_t>{a}, size);
 }
 
-// The op: checks as gibbs_update_owners (shapes here, values on the device
-// in run_phases) and the update; `run` as in run_phases.
+// The update on tensors checked with check_update_owners_inputs (by the op
+// that calls it; the values are checked on the device in run_phases); `run`
+// as in run_phases.
 template <typename Runner>
 void update_owners_parallel(Runner& run, at::Tensor& psi_t, at::Tensor& psi_scale, at::Tensor& owner,
                             at::Tensor& numerator, at::Tensor& kept, at::Tensor& nonzero,
@@ -694,8 +695,6 @@ void update_owners_parallel(Runner& run, at::Tensor& psi_t, at::Tensor& psi_scal
                             const at::Tensor& group_totals, const at::Tensor& beta_in, double beta0,
                             int64_t offset, int64_t size, const at::Tensor& classes_in,
                             const at::Tensor& old_in, const at::Tensor& new_in, bool full) {
-  check_update_owners_inputs(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
-                             group_totals, beta_in, beta0, offset, size, classes_in, old_in, new_in);
   if (!full && classes_in.numel() == 0) return;
   const at::Tensor beta = beta_in.contiguous();
   const at::Tensor classes = classes_in.contiguous();

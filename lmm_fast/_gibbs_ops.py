@@ -156,6 +156,8 @@ def gibbs_update_owners(
     old_groups: Tensor,
     new_groups: Tensor,
     full: bool = False,
+    *,
+    emulated: bool = False,
 ) -> None:
     """The non-overlapping ("TC") Ψ of one upper level, its columns
     ``[offset, offset + size)``, and the owner state behind it, in place.
@@ -182,10 +184,13 @@ def gibbs_update_owners(
     and only the affected classes and groups are read and written;
     the result equals a full rebuild bit for bit.
 
-    On CUDA it runs as a sequence of parallel kernels with the same results
-    (see :func:`gibbs_update_owners_emulated`).
+    On CUDA it runs as a sequence of parallel kernels with the same results;
+    ``emulated=True`` runs that parallel algorithm on the CPU instead (see
+    :func:`gibbs_update_owners_emulated`).
     """
-    torch.ops.lmm_fast.gibbs_update_owners.default(
+    ops = torch.ops.lmm_fast
+    op = ops.gibbs_update_owners_emulated.default if emulated else ops.gibbs_update_owners.default
+    op(
         psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
         int(offset), int(size), classes, old_groups, new_groups, bool(full),
     )
@@ -265,31 +270,14 @@ def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, be
     return None
 
 
+@torch.library.register_fake("lmm_fast::gibbs_update_owners_emulated")
 @torch.library.register_fake("lmm_fast::gibbs_update_owners")
 def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals,
                               beta, beta0, offset, size, classes, old_groups, new_groups, full):
     return None
 
 
-def gibbs_update_owners_emulated(
-    psi_t: Tensor,
-    psi_scale: Tensor,
-    owner: Tensor,
-    numerator: Tensor,
-    kept: Tensor,
-    nonzero: Tensor,
-    bound: Tensor,
-    counts_t: Tensor,
-    group_totals: Tensor,
-    beta: Tensor,
-    beta0: float,
-    offset: int,
-    size: int,
-    classes: Tensor,
-    old_groups: Tensor,
-    new_groups: Tensor,
-    full: bool = False,
-) -> None:
+def gibbs_update_owners_emulated(*args, **kwargs) -> None:
     """:func:`gibbs_update_owners` computed by the CUDA op's parallel algorithm,
     run on the CPU phase by phase, each phase a serial loop over its thread
     indices in a scrambled order (CPU tensors only).
@@ -299,18 +287,7 @@ def gibbs_update_owners_emulated(
     for bit the sequential op's (``bound``, an upper bound, may differ). It
     exists to test the device algorithm where there is no GPU.
     """
-    torch.ops.lmm_fast.gibbs_update_owners_emulated.default(
-        psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
-        int(offset), int(size), classes, old_groups, new_groups, bool(full),
-    )
-    _written(psi_t, psi_scale)
-
-
-@torch.library.register_fake("lmm_fast::gibbs_update_owners_emulated")
-def _gibbs_update_owners_emulated_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
-                                       group_totals, beta, beta0, offset, size, classes, old_groups,
-                                       new_groups, full):
-    return None
+    gibbs_update_owners(*args, emulated=True, **kwargs)
 
 
 @torch.library.register_fake("lmm_fast::gibbs_apply_moves")

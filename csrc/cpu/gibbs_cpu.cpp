@@ -16,7 +16,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -31,6 +30,7 @@
 #endif
 
 #include "gibbs_common.h"
+#include "vec_math.h"
 
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__)
 // An AVX2 clone and a baseline clone of each hot loop. No "fma" target: the
@@ -47,26 +47,10 @@ using gibbs::Geometry;
 
 constexpr int kLanes = 16;
 
-// Largest value, NaN ignored, `init` if there is none larger. Written on
-// vector extensions: GCC leaves the plain lane-array loop scalar (a compare-
-// select per element).
-typedef float float8 __attribute__((vector_size(32)));
-
-LMM_FAST_GIBBS_MULTIVERSION float max_value(const float* x, int64_t n, float init) {
-  float8 a0 = {init, init, init, init, init, init, init, init}, a1 = a0;
-  int64_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    float8 v0, v1;
-    std::memcpy(&v0, x + i, sizeof(v0));
-    std::memcpy(&v1, x + i + 8, sizeof(v1));
-    a0 = v0 > a0 ? v0 : a0;
-    a1 = v1 > a1 ? v1 : a1;
-  }
-  a0 = a1 > a0 ? a1 : a0;
-  float m = init;
-  for (int j = 0; j < 8; ++j) m = a0[j] > m ? a0[j] : m;
-  for (; i < n; ++i) m = x[i] > m ? x[i] : m;
-  return m;
+// Largest logit, NaN ignored (-inf if there is none): the loss's row maximum
+// (vec_math.h, vector extensions), in this file's AVX2 and baseline clones.
+LMM_FAST_GIBBS_MULTIVERSION float max_logit_of(const float* x, int64_t n) {
+  return vec::row_max<float, float>(x, n);
 }
 
 // Weights of candidates [begin, end) and their largest value (0 if none is
@@ -154,7 +138,7 @@ int64_t sample_level(const T* logits, int64_t n, const int32_t* counts, const in
     for (int64_t t = 0; t < n; ++t) ws.x[t] = static_cast<float>(logits[t]);
     x = ws.x.data();
   }
-  const float max_logit = max_value(x, n, -std::numeric_limits<float>::infinity());
+  const float max_logit = max_logit_of(x, n);
   float* w = ws.w.data();
   // The image's own label is weighed without the image (counts - 1): the
   // candidates before and after it in two vectorised runs.

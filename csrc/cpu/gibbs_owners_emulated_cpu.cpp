@@ -62,6 +62,9 @@ void gibbs_update_owners_emulated_cpu(at::Tensor& psi_t, at::Tensor& psi_scale, 
                                       const at::Tensor& group_totals, const at::Tensor& beta, double beta0,
                                       int64_t offset, int64_t size, const at::Tensor& classes,
                                       const at::Tensor& old_groups, const at::Tensor& new_groups, bool full) {
+  gibbs::check_update_owners_inputs(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t,
+                                    group_totals, beta, beta0, offset, size, classes, old_groups,
+                                    new_groups);
   SerialRunner run;
   gibbs::owners::update_owners_parallel(run, psi_t, psi_scale, owner, numerator, kept, nonzero, bound,
                                         counts_t, group_totals, beta, beta0, offset, size, classes,
