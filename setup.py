@@ -75,7 +75,9 @@ def extensions():
 
 
 setup(
-    packages=find_packages(include=["lmm_fast", "lmm_fast.*"]),
+    package_dir={"": "src"},
+    packages=find_packages("src", include=["lmm_fast", "lmm_fast.*"]),
+    package_data={"lmm_fast": ["py.typed"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": BuildExtension},
     options={"bdist_wheel": {"py_limited_api": "cp311"}},

@@ -34,10 +34,10 @@ import pytest
 import torch
 
 from lmm_fast import FusedLMMLoss, GibbsAdapter
-from lmm_fast import _gibbs_ops as ops
-from lmm_fast.compare import measure_time
+from lmm_fast.ops import gibbs as ops
+from lmm_fast.profiling import measure_time
 from lmm_fast.hierarchy import Hierarchy
-from lmm_fast.reference_gibbs import gibbs_sample_torch
+from lmm_fast.reference.gibbs import gibbs_sample_torch
 from lmm_fast.testing import devices
 
 LEVELS = (10, 100, 1000, 10_000)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lmm_fast.compare import peak_extra_bytes
+from lmm_fast.profiling import peak_extra_bytes
 from lmm_fast.hierarchy import Hierarchy, self_tuning_sigma
 
 CLUSTER_N, CLUSTER_D, CLUSTER_LEVELS = 2000, 128, [10, 100]

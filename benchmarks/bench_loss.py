@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from lmm_fast import FusedLMMLoss, default_theta
-from lmm_fast.compare import peak_extra_bytes
-from lmm_fast.reference import lmm_loss_unfused
+from lmm_fast.profiling import peak_extra_bytes
+from lmm_fast.reference.loss import lmm_loss_unfused
 from lmm_fast.testing import devices, tree_psi
 
 # (batch, level sizes top first, bottom N last)

@@ -19,7 +19,7 @@ pytest-benchmark::
 One table of medians and ratios measured in one run (rounds interleaved, so
 that load from other processes hits every implementation alike)::
 
-    python -m benchmarks.bench_predict [--rounds 15]
+    python benchmarks/bench_predict.py [--rounds 15]
 """
 from __future__ import annotations
 
@@ -33,8 +33,8 @@ import torch
 
 import lmm_fast
 from lmm_fast import FusedLMMLoss, default_theta
-from lmm_fast.compare import peak_extra_bytes
-from lmm_fast.reference import predict_proba_reference
+from lmm_fast.profiling import peak_extra_bytes
+from lmm_fast.reference.loss import predict_proba_reference
 from lmm_fast.testing import dense_psi, devices, tree_psi
 
 # name -> (batch, level sizes top first with N last, dense Ψ)

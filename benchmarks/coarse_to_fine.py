@@ -12,7 +12,7 @@ hierarchy's Ψ and the default θ. Both predictions start from the features:
 the full one is the head's GEMM over all ``ΣN_l`` rows and the fused top-k
 kernel, the coarse-to-fine one scores ``N_1 + b·(children)`` rows per sample.
 
-    python -m benchmarks.coarse_to_fine [--classes 10000 100000] [--beams 1 2 4 8 16]
+    python benchmarks/coarse_to_fine.py [--classes 10000 100000] [--beams 1 2 4 8 16]
 
 Times are medians over ``--rounds`` interleaved rounds (the machine may be
 shared: every method sees the same load).

@@ -111,11 +111,8 @@ def main(argv=None) -> int:
         if case not in CASES:
             parser.error(f"unknown case {case}; choose from {list(CASES)}")
         command = [sys.executable, os.path.abspath(__file__), "--worker", str(case), "--device", args.device, "--seed", str(args.seed)]
-        # The worker measures the checkout this script belongs to, installed or not.
-        repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH")])))
         load_before = os.getloadavg()[0]
-        done = subprocess.run(command, capture_output=True, text=True, check=False, env=env)
+        done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             print(done.stderr, file=sys.stderr)
             return done.returncode

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from lmm_fast import datasets
-from lmm_fast.datasets import CodeRecord, build_code_task, load_array, load_user_task, split_per_class
+from lmm_fast.compare import datasets
+from lmm_fast.compare.datasets import CodeRecord, build_code_task, load_array, load_user_task, split_per_class
 
 
 # ---------------------------------------------------------------------------
@@ -250,7 +250,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_compare_writes_json_csv_and_png(tiny_run):
-    from lmm_fast.compare import SETTINGS
+    from lmm_fast.compare.protocol import SETTINGS
 
     code, out, _ = tiny_run
     assert code == 0
@@ -293,7 +293,7 @@ def test_compare_writes_json_csv_and_png(tiny_run):
 
 
 def test_compare_prints_the_tables(tiny_run):
-    from lmm_fast.compare import SETTING_LABELS
+    from lmm_fast.compare.protocol import SETTING_LABELS
 
     _, out, printed = tiny_run
     for title in ("Speed and memory", "Table I shape", "Table IV shape", "Per-class change vs flat"):
@@ -335,7 +335,7 @@ def test_compare_without_the_demo_packages_says_how_to_install(tmp_path, monkeyp
     assert "pip install 'lmm_fast[demo]'" in err and "--features" in err
 
 
-def test_cli_subcommand_and_benchmarks_entry(tmp_path):
+def test_cli_subcommand_and_module_entry(tmp_path):
     import subprocess
     import sys
 
@@ -352,24 +352,20 @@ def test_cli_subcommand_and_benchmarks_entry(tmp_path):
     command = doc["meta"]["command"]
     assert command.startswith("lmm-fast compare ") and "--skip-accuracy" in command
     assert "--speed-classes 20" in command and "--features" not in command
-    import lmm_fast
-
+    # From the checkout root, as the README says: the source folder (src/)
+    # does not shadow the installed package.
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    # lmm_fast from where this test imported it (installed, or an in-place
-    # build), benchmarks/ from the checkout; run outside the checkout so its
-    # bare source folder does not shadow the installed package.
-    package_parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([package_parent, root, os.environ.get("PYTHONPATH", "")]))
-    done = subprocess.run([sys.executable, "-m", "benchmarks.compare", "--help"], cwd=str(tmp_path),
-                          capture_output=True, text=True, timeout=120, env=env)
+    done = subprocess.run([sys.executable, "-m", "lmm_fast.compare", "--help"], cwd=root,
+                          capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "--features" in done.stdout and "--full" in done.stdout
 
 
 def test_compare_remedies_flag_runs_every_variant_beside_flat(tmp_path):
     """``--remedies``: every variant of docs/remedies.md for every seed, the
     class views (macro, tail) for every setting, and the verdict table."""
-    from lmm_fast.compare import QUICK, FULL, main
-    from lmm_fast.compare_remedies import FEWSHOT_SETTINGS, REMEDY_LABELS, REMEDY_SETTINGS
+    from lmm_fast.compare import main
+    from lmm_fast.compare.protocol import FULL, QUICK
+    from lmm_fast.compare.variants import FEWSHOT_SETTINGS, REMEDY_LABELS, REMEDY_SETTINGS
 
     assert not QUICK.remedies and FULL.remedies  # the quick protocol stays within its time
     x, y = blobs(n_classes=12, per_class=8, dim=5)

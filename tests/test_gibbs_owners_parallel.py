@@ -5,7 +5,7 @@ CUDA op equals the CPU op. Value checks, opcheck."""
 import pytest
 import torch
 
-from lmm_fast import _gibbs_ops as ops
+from lmm_fast.ops import gibbs as ops
 
 STATE = ("psi_t", "psi_scale", "owner", "numerator", "kept", "nonzero")
 TWO40 = float(2**40)

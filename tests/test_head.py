@@ -8,8 +8,8 @@ from torch import nn
 import lmm_fast
 from lmm_fast import FusedLMMLoss, LMMHead
 from lmm_fast.hierarchy import Hierarchy
-from lmm_fast.predict import predict_topk_reference
-from lmm_fast.reference import predict_proba_reference
+from lmm_fast.reference.predict import predict_topk_reference
+from lmm_fast.reference.loss import predict_proba_reference
 from lmm_fast.testing import tree_psi
 
 

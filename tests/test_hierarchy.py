@@ -14,14 +14,8 @@ from hypothesis import strategies as st
 from scipy.cluster.hierarchy import cut_tree, linkage
 from scipy.special import comb
 
-from lmm_fast.hierarchy import (
-    FORMAT_VERSION,
-    Hierarchy,
-    _cut_linkage,
-    class_means,
-    self_tuning_sigma,
-    similarity_matrix,
-)
+from lmm_fast.hierarchy import FORMAT_VERSION, Hierarchy, class_means, self_tuning_sigma, similarity_matrix
+from lmm_fast.hierarchy.clustering import cut_linkage
 
 DENDROGRAM_METHODS = ["ward", "average", "complete"]
 ALL_METHODS = ["balanced", *DENDROGRAM_METHODS]
@@ -184,7 +178,7 @@ def test_cut_linkage_matches_scipy_cut_tree(method):
     x = np.random.default_rng(0).normal(size=(70, 5))
     z = linkage(x, method=method)
     sizes = [3, 9, 40]
-    ours = _cut_linkage(z, 70, sizes)
+    ours = cut_linkage(z, 70, sizes)
     theirs = cut_tree(z, n_clusters=sizes)
     for level in range(3):
         assert adjusted_rand_index(ours[level], theirs[:, level]) == pytest.approx(1.0)

@@ -10,8 +10,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import lmm_fast
-from lmm_fast import FusedLMMLoss, _ops
-from lmm_fast.reference import lmm_loss_reference, lmm_loss_unfused, predict_proba_reference
+from lmm_fast import FusedLMMLoss
+from lmm_fast.ops import accumulate_dtype
+from lmm_fast.ops import loss as loss_ops
+from lmm_fast.reference.loss import lmm_loss_reference, lmm_loss_unfused, predict_proba_reference
 import lmm_fast.testing
 from lmm_fast.testing import dense_psi, random_problem, tolerances, tree_psi
 
@@ -123,7 +125,7 @@ def test_gradcheck_float64(dense):
     theta = torch.tensor([0.25, 0.25, 0.5], dtype=torch.float64, requires_grad=True)
 
     def f(x, th):
-        return _ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0]
+        return loss_ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0]
 
     assert torch.autograd.gradcheck(f, (logits, theta))
 
@@ -133,12 +135,12 @@ def test_opcheck(dtype):
     gen = torch.Generator().manual_seed(5)
     sizes = [3, 7, 19]
     logits, target, psi = random_problem(9, sizes, dtype=dtype, dense=True, generator=gen)
-    acc = _ops.accumulate_dtype(dtype)
+    acc = accumulate_dtype(dtype)
     psi_t = torch.cat([p.t() for p in psi], 1).to(acc).contiguous()
     theta = torch.tensor([0.2, 0.3, 0.5], dtype=acc, requires_grad=True)
     args = (logits, target, psi_t, theta, sizes, -100)
     torch.library.opcheck(torch.ops.lmm_fast.lmm_loss_forward.default, args)
-    loss, lse, log_m = _ops.lmm_loss_forward(*args)
+    loss, lse, log_m = loss_ops.lmm_loss_forward(*args)
     grad_loss = torch.rand(9, dtype=dtype)
     bargs = (grad_loss, logits.detach(), target, psi_t, theta.detach(), lse, log_m, sizes, -100)
     torch.library.opcheck(torch.ops.lmm_fast.lmm_loss_backward.default, bargs)
@@ -361,15 +363,15 @@ def test_op_level_checks_name_the_argument():
     psi_t = torch.cat([p.t() for p in tree_psi(sizes)], 1).contiguous()
     theta = torch.tensor([0.5, 0.5])
     with pytest.raises(RuntimeError, match="psi_t must be Double for Double logits, got Float"):
-        _ops.lmm_loss_forward(logits.double(), target, psi_t, theta.double(), sizes)
+        loss_ops.lmm_loss_forward(logits.double(), target, psi_t, theta.double(), sizes)
     with pytest.raises(RuntimeError, match="psi_t must be"):
-        _ops.lmm_loss_forward(logits, target, psi_t[:, :2].contiguous(), theta, sizes)
+        loss_ops.lmm_loss_forward(logits, target, psi_t[:, :2].contiguous(), theta, sizes)
     with pytest.raises(RuntimeError, match="theta must have one weight per level"):
-        _ops.lmm_loss_forward(logits, target, psi_t, torch.ones(3) / 3, sizes)
+        loss_ops.lmm_loss_forward(logits, target, psi_t, torch.ones(3) / 3, sizes)
     with pytest.raises(RuntimeError, match="logits has 11 columns but the levels need"):
-        _ops.lmm_loss_forward(logits, target, psi_t, theta, [3, 9])
+        loss_ops.lmm_loss_forward(logits, target, psi_t, theta, [3, 9])
     with pytest.raises(RuntimeError, match="target must be int64"):
-        _ops.lmm_loss_forward(logits, target.int(), psi_t, theta, sizes)
+        loss_ops.lmm_loss_forward(logits, target.int(), psi_t, theta, sizes)
 
 
 # ---------------------------------------------------------------- build
@@ -484,7 +486,7 @@ def test_gradcheck_per_row_theta():
     psi_t = torch.cat([p.double().t() for p in psi], 1).contiguous()
     theta = torch.softmax(torch.randn(4, 3, generator=gen, dtype=torch.float64), 1).requires_grad_()
     assert torch.autograd.gradcheck(
-        lambda x, th: _ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0], (logits, theta)
+        lambda x, th: loss_ops.lmm_loss_forward(x, target, psi_t, th, sizes, -100)[0], (logits, theta)
     )
     torch.library.opcheck(torch.ops.lmm_fast.lmm_loss_forward.default, (logits, target, psi_t, theta, sizes, -100))
 
@@ -517,7 +519,7 @@ def test_psi_scale_factors_match_the_normalised_psi(device):
         torch.ops.lmm_fast.lmm_loss_forward.default, (x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale)
     )
     with pytest.raises(RuntimeError, match=r"psi_scale must be \[sum\(upper level sizes\)\] = \[10\]"):
-        _ops.lmm_loss_forward(x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale[:5])
+        loss_ops.lmm_loss_forward(x, y, psi_t, scaled.theta, sizes, -100, scaled.psi_scale[:5])
 
 
 def test_reused_gradient_storage_is_never_shared():

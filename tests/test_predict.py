@@ -8,17 +8,13 @@ from hypothesis import strategies as st
 import lmm_fast
 import lmm_fast.testing
 from lmm_fast import FusedLMMLoss, predict
-from lmm_fast._ops import accumulate_dtype
+from lmm_fast.ops import accumulate_dtype
 from lmm_fast.hierarchy import Hierarchy
-from lmm_fast.predict import (
-    lmm_predict_proba_dense,
-    lmm_predict_proba_tree,
-    lmm_topk_tree,
-    predict_proba_tree_reference,
-    predict_topk_reference,
-    tree_index,
-)
-from lmm_fast.reference import predict_proba_reference
+from lmm_fast.ops import predict as predict_ops
+from lmm_fast.ops.predict import lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
+from lmm_fast.predict import tree_index
+from lmm_fast.reference.loss import predict_proba_reference
+from lmm_fast.reference.predict import gather_scores_reference, predict_proba_tree_reference, predict_topk_reference
 from lmm_fast.testing import dense_psi, random_problem, tolerances, tree_psi
 
 SHAPES = [
@@ -391,8 +387,8 @@ def test_gather_scores_matches_reference(dtype, batch, width, dim, with_bias):
     weight = torch.randn(37, dim, generator=gen).to(dtype)
     bias = torch.randn(37, generator=gen).to(dtype) if with_bias else None
     rows = torch.randint(-1, 37, (batch, width), generator=gen)
-    out = predict.lmm_gather_scores(x, weight, bias, rows)
-    ref = predict.gather_scores_reference(x.double(), weight.double(), None if bias is None else bias.double(), rows)
+    out = predict_ops.lmm_gather_scores(x, weight, bias, rows)
+    ref = gather_scores_reference(x.double(), weight.double(), None if bias is None else bias.double(), rows)
     assert out.dtype == dtype and out.shape == (batch, width)
     tol = dict(rtol=2e-2, atol=5e-2) if dtype == torch.bfloat16 else tolerances(dtype)
     torch.testing.assert_close(out.double(), ref, **tol)
@@ -408,17 +404,17 @@ def test_gather_scores_opcheck_and_errors():
     torch.library.opcheck(torch.ops.lmm_fast.lmm_gather_scores.default, (x, weight, bias, rows))
     torch.library.opcheck(torch.ops.lmm_fast.lmm_gather_scores.default, (x[:, ::2], weight[:, ::2], None, rows))
     with pytest.raises(RuntimeError, match="rows must hold weight rows in \\[0, 20\\) or -1, got values in \\[-1, 20\\]"):
-        predict.lmm_gather_scores(x, weight, bias, rows.clamp_max(19).index_fill(1, torch.tensor([0]), 20))
+        predict_ops.lmm_gather_scores(x, weight, bias, rows.clamp_max(19).index_fill(1, torch.tensor([0]), 20))
     with pytest.raises(RuntimeError, match="weight must be \\[rows, d\\] = \\[\\*, 10\\]"):
-        predict.lmm_gather_scores(x, weight[:, :9], bias, rows)
+        predict_ops.lmm_gather_scores(x, weight[:, :9], bias, rows)
     with pytest.raises(RuntimeError, match="bias must be \\[rows\\] = \\[20\\]"):
-        predict.lmm_gather_scores(x, weight, bias[:3], rows)
+        predict_ops.lmm_gather_scores(x, weight, bias[:3], rows)
     with pytest.raises(RuntimeError, match="rows must be int64"):
-        predict.lmm_gather_scores(x, weight, bias, rows.int())
+        predict_ops.lmm_gather_scores(x, weight, bias, rows.int())
     with pytest.raises(RuntimeError, match="weight must have x's dtype Float"):
-        predict.lmm_gather_scores(x, weight.double(), bias, rows)
+        predict_ops.lmm_gather_scores(x, weight.double(), bias, rows)
     with pytest.raises(RuntimeError, match="rows must be \\[B, C\\] with B = 6"):
-        predict.lmm_gather_scores(x, weight, bias, rows[:2])
+        predict_ops.lmm_gather_scores(x, weight, bias, rows[:2])
 
 
 # ---------------------------------------------------------------- bad inputs
@@ -528,8 +524,8 @@ def test_cuda_gather_scores(dtype):
     weight = torch.randn(300, 70, generator=gen).to(dtype)
     bias = torch.randn(300, generator=gen).to(dtype)
     rows = torch.randint(-1, 300, (33, 45), generator=gen)
-    out = predict.lmm_gather_scores(x.cuda(), weight.cuda(), bias.cuda(), rows.cuda())
-    ref = predict.gather_scores_reference(x.double(), weight.double(), bias.double(), rows)
+    out = predict_ops.lmm_gather_scores(x.cuda(), weight.cuda(), bias.cuda(), rows.cuda())
+    ref = gather_scores_reference(x.double(), weight.double(), bias.double(), rows)
     tol = dict(rtol=1e-2, atol=5e-2) if dtype == torch.float16 else dict(rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(out.double().cpu(), ref, **tol)
     torch.library.opcheck(torch.ops.lmm_fast.lmm_gather_scores.default, (x.cuda(), weight.cuda(), None, rows.cuda()))

@@ -1,5 +1,6 @@
-"""Tests of lmm_fast.remedies: θ schedules and gates, calibrated and
-path-score prediction, scaled β and the guarded adapter."""
+"""Tests of the remedies: θ schedules and gates (lmm_fast.theta), calibration
+(lmm_fast.calibration), path-score prediction, scaled β and the guarded
+adapter (lmm_fast.adaptation.guard), and the fit loop that takes them."""
 import math
 
 import pytest
@@ -9,19 +10,11 @@ import torch.nn.functional as F
 import lmm_fast
 from lmm_fast.hierarchy import Hierarchy
 from lmm_fast.predict import mixture_proba
-from lmm_fast.remedies import (
-    GuardedGibbsAdapter,
-    ThetaGate,
-    ThetaSchedule,
-    apply_temperature,
-    coarse_to_fine_theta,
-    empty_groups,
-    fit_remedy,
-    fit_temperature,
-    fit_test_theta,
-    path_score_proba,
-    scaled_beta,
-)
+from lmm_fast.adaptation.guard import GuardedGibbsAdapter, empty_groups, scaled_beta
+from lmm_fast.calibration import apply_temperature, fit_temperature, fit_test_theta
+from lmm_fast.predict import path_score_proba
+from lmm_fast.theta import ThetaGate, ThetaSchedule, coarse_to_fine_theta
+from lmm_fast.train import fit_lmm
 
 
 def _task(n_classes=12, per_class=20, dim=6, seed=0):
@@ -92,7 +85,7 @@ def test_gate_starts_at_init_theta_and_gets_gradient():
 
 
 @pytest.mark.parametrize("mode", ["schedule", "gate", "learned"])
-def test_fit_remedy_learns(mode):
+def test_fit_with_theta_options_learns(mode):
     x, y, h = _task()
     torch.manual_seed(0)
     backbone = torch.nn.Sequential(torch.nn.Linear(6, 16), torch.nn.ReLU())
@@ -104,8 +97,8 @@ def test_fit_remedy_learns(mode):
         params += list(gate.parameters())
     opt = torch.optim.Adam(params, lr=1e-2)
     schedule = ThetaSchedule(3, 6) if mode == "schedule" else None
-    hist = fit_remedy(backbone, head, _batches(x, y), optimizer=opt, epochs=6, loss_fn=loss_fn,
-                      schedule=schedule, gate=gate)
+    hist = fit_lmm(backbone, _batches(x, y), head=head, optimizer=opt, epochs=6, setting="lmm", loss_fn=loss_fn,
+                   schedule=schedule, gate=gate)
     assert len(hist.epoch_losses) == 6 and hist.epoch_losses[-1] < hist.epoch_losses[0]
     if mode == "schedule":
         assert torch.allclose(loss_fn.theta, torch.tensor([0.0, 0.0, 1.0]))
@@ -113,17 +106,19 @@ def test_fit_remedy_learns(mode):
         assert not torch.allclose(loss_fn.theta.detach(), lmm_fast.default_theta(3))
 
 
-def test_fit_remedy_rejects_schedule_with_gate():
+def test_fit_rejects_schedule_with_gate():
     x, y, h = _task()
     head = lmm_fast.LMMHead(6, h)
     loss_fn = lmm_fast.FusedLMMLoss.from_hierarchy(h)
     opt = torch.optim.SGD(head.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="schedule"):
-        fit_remedy(torch.nn.Identity(), head, _batches(x, y), optimizer=opt, epochs=1, loss_fn=loss_fn,
-                   schedule=ThetaSchedule(3, 1), gate=ThetaGate(6, 3))
+        fit_lmm(torch.nn.Identity(), _batches(x, y), head=head, optimizer=opt, epochs=1, setting="lmm",
+                loss_fn=loss_fn, schedule=ThetaSchedule(3, 1), gate=ThetaGate(6, 3))
     with pytest.raises(ValueError, match="levels"):
-        fit_remedy(torch.nn.Identity(), head, _batches(x, y), optimizer=opt, epochs=1, loss_fn=loss_fn,
-                   gate=ThetaGate(6, 2))
+        fit_lmm(torch.nn.Identity(), _batches(x, y), head=head, optimizer=opt, epochs=1, setting="lmm",
+                loss_fn=loss_fn, gate=ThetaGate(6, 2))
+    with pytest.raises(ValueError, match="backbone"):
+        fit_lmm(head, _batches(x, y), optimizer=opt, epochs=1, setting="lmm", loss_fn=loss_fn, gate=ThetaGate(6, 3))
 
 
 # --------------------------------------------------------------- calibration

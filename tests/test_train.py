@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lmm_fast import FusedLMMLoss, GibbsAdapter
-from lmm_fast import reference_gibbs as ref
+from lmm_fast.reference import gibbs as ref
 from lmm_fast.hierarchy import Hierarchy
 from lmm_fast.train import SETTINGS, IndexedDataset, fit_lmm
 

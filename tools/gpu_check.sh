@@ -34,10 +34,11 @@ cat "$out/device.txt" | tee -a "$out/summary.txt"
 arch=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
 stage build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-16}" \
   python setup.py build_ext --inplace
-export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH}
+# the in-place build lands in src/lmm_fast
+export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 stage tests_cuda python -m pytest tests -m cuda -q -p no:cacheprovider
 stage bench_loss python -m pytest benchmarks/bench_loss.py -k cuda -q -p no:cacheprovider \
   --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:case
 stage bench_gibbs python benchmarks/bench_gibbs.py --device cuda --repeats 21
-stage bench_predict python -m benchmarks.bench_predict --device cuda --rounds 21
+stage bench_predict python benchmarks/bench_predict.py --device cuda --rounds 21
 exit $status

@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import torch
 
-from lmm_fast import _ops
-from lmm_fast._ops import has_cuda_kernels
+from lmm_fast import ops
+from lmm_fast.ops import has_cuda_kernels
 from lmm_fast.loss import FusedLMMLoss, default_theta
 from lmm_fast.hierarchy import Hierarchy
-from lmm_fast.adaptation import GibbsAdapter
-from lmm_fast import train
-from lmm_fast import metrics, predict
 from lmm_fast.head import LMMHead
+from lmm_fast import metrics, predict
 from lmm_fast.predict import predict_topk
-from lmm_fast import remedies
+from lmm_fast import calibration, theta
+from lmm_fast.adaptation import GibbsAdapter, GuardedGibbsAdapter
+from lmm_fast import adaptation, train
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # ``lmm_fast.remedies`` (the remedies' former home) for one release.
+    if name == "remedies":
+        import importlib
+
+        return importlib.import_module("lmm_fast.remedies")
+    raise AttributeError(f"module 'lmm_fast' has no attribute {name!r}")
 
 __all__ = [
     "FusedLMMLoss",
@@ -30,7 +39,11 @@ __all__ = [
     "metrics",
     "predict",
     "predict_topk",
-    "remedies",
+    "GuardedGibbsAdapter",
+    "adaptation",
+    "calibration",
+    "theta",
+    "ops",
     "build_info",
     "default_theta",
     "has_cuda_kernels",

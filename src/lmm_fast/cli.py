@@ -168,7 +168,8 @@ def _add_hierarchy_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
 def _run_hierarchy(args: argparse.Namespace) -> int:
     import torch
 
-    from lmm_fast.hierarchy import Hierarchy, _check_level_sizes, class_means, plot_hierarchy, self_tuning_sigma
+    from lmm_fast.hierarchy import Hierarchy, class_means, plot_hierarchy, self_tuning_sigma
+    from lmm_fast.hierarchy.checks import check_level_sizes
 
     if args.means is not None and (args.features is not None or args.labels is not None):
         raise CommandError("give either --means or --features/--labels, not both")
@@ -216,7 +217,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
             raise CommandError(f"--num-classes {args.num_classes} but the means have {means.shape[0]} rows")
     timings["class means"] = time.perf_counter() - tick
     # Fail on bad level sizes now rather than after the sigma search.
-    _check_level_sizes(args.levels, means.shape[0])
+    check_level_sizes(args.levels, means.shape[0])
 
     tick = time.perf_counter()
     sigma = args.sigma

@@ -9,17 +9,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor, nn
 
-from lmm_fast._ops import accumulate_dtype
+from lmm_fast.ops import accumulate_dtype
 from lmm_fast.loss import default_theta
-from lmm_fast.predict import (
-    TreeIndex,
-    lmm_gather_scores,
-    lmm_predict_proba_dense,
-    lmm_predict_proba_tree,
-    lmm_topk_tree,
-    tree_index,
-    tree_index_from_assignments,
-)
+from lmm_fast.ops.predict import lmm_gather_scores, lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
+from lmm_fast.predict import TreeIndex, tree_index, tree_index_from_assignments
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy

@@ -2,13 +2,13 @@
 ``nn.CrossEntropyLoss``."""
 from __future__ import annotations
 
-import math
 from typing import TYPE_CHECKING, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from lmm_fast import _ops
+from lmm_fast.ops import accumulate_dtype
+from lmm_fast.ops import loss as loss_ops
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy
@@ -289,11 +289,11 @@ class FusedLMMLoss(nn.Module):
                 f"logits are on {logits.device} but the loss's Ψ is on {self.psi_t.device}; "
                 f"move the loss with .to({str(logits.device)!r})"
             )
-        acc = _ops.accumulate_dtype(logits.dtype)
+        acc = accumulate_dtype(logits.dtype)
         return self.psi_t.to(acc), self.theta.to(acc)
 
     def _psi_scale(self, logits: Tensor) -> Tensor:
-        return self.psi_scale.to(_ops.accumulate_dtype(logits.dtype))
+        return self.psi_scale.to(accumulate_dtype(logits.dtype))
 
     def _target(self, target: Tensor, batch: int) -> Tensor:
         if not isinstance(target, Tensor):
@@ -322,7 +322,7 @@ class FusedLMMLoss(nn.Module):
             theta = module_theta
         else:
             theta = self._row_theta(theta, logits.shape[0]).to(device=logits.device, dtype=module_theta.dtype)
-        loss, _, _ = _ops.lmm_loss_forward(
+        loss, _, _ = loss_ops.lmm_loss_forward(
             logits, target, psi_t, theta, self.level_sizes, self.ignore_index, self._psi_scale(logits)
         )
         if self.reduction == "none":

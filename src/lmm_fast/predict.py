@@ -17,9 +17,8 @@ coarse-to-fine search of :meth:`lmm_fast.LMMHead.predict_topk`.
 ``psi_t`` once and caches it until ``psi_t`` is written to (``psi_t._version``)
 or replaced. :func:`mixture_proba` and :func:`predict_topk` pick the kernel.
 
-References (pure PyTorch, any dtype): ``lmm_fast.reference.predict_proba_reference``,
-:func:`predict_proba_tree_reference`, :func:`predict_topk_reference` and
-:func:`gather_scores_reference`.
+The operators' wrappers live in :mod:`lmm_fast.ops.predict`; their
+pure-PyTorch oracles (any dtype) in :mod:`lmm_fast.reference.predict`.
 """
 from __future__ import annotations
 
@@ -27,26 +26,20 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lmm_fast import _ops  # noqa: F401  (loads the library, registering the operators)
-from lmm_fast._ops import accumulate_dtype
-from lmm_fast.reference import predict_proba_reference, split_levels
+from lmm_fast.ops import accumulate_dtype
+from lmm_fast.ops.predict import lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
 
 __all__ = [
     "TreeIndex",
     "tree_index",
     "tree_index_from_assignments",
-    "lmm_predict_proba_tree",
-    "lmm_predict_proba_dense",
-    "lmm_topk_tree",
-    "lmm_gather_scores",
     "mixture_proba",
     "predict_topk",
-    "predict_proba_tree_reference",
-    "predict_topk_reference",
-    "gather_scores_reference",
+    "path_score_proba",
 ]
 
 
@@ -158,207 +151,6 @@ def tree_index_from_assignments(
 
 
 # ---------------------------------------------------------------------------
-# Typed wrappers of the operators
-# ---------------------------------------------------------------------------
-
-
-def lmm_predict_proba_tree(
-    logits: Tensor, group_index: Tensor, group_value: Tensor, theta: Tensor, level_sizes: Sequence[int]
-) -> Tensor:
-    """``[B, N]`` probabilities ``Σ_l θ_l softmax(a^l) Ψ^l`` for a tree Ψ.
-
-    Args:
-        logits: ``[B, ΣN_l]`` packed, top level first (float32/64, float16, bfloat16).
-        group_index: int32 ``[L-1, N]``, group of every class per upper level.
-        group_value: ``[L-1, N]`` ``Ψ^l[group_index[l, y], y]``, float64 for
-            float64 logits, else float32.
-        theta: ``[L]`` level weights, or ``[B, L]`` one θ per row (e.g. from a
-            gating network), in the dtype of ``group_value``.
-        level_sizes: ``[N_1, …, N_{L-1}, N]``.
-
-    Returns:
-        ``[B, N]`` in the logits' dtype; differentiable in ``logits`` and ``theta``.
-    """
-    return torch.ops.lmm_fast.lmm_predict_proba_tree.default(
-        logits, group_index, group_value, theta, list(level_sizes)
-    )
-
-
-def lmm_predict_proba_dense(logits: Tensor, psi_t: Tensor, theta: Tensor, level_sizes: Sequence[int]) -> Tensor:
-    """``[B, N]`` probabilities for any Ψ, given class-major ``psi_t`` ``[N, ΣN_upper]``
-    (the loss's buffer, in the accumulation dtype); ``theta`` ``[L]`` or
-    ``[B, L]``. Differentiable in ``logits`` and ``theta``."""
-    return torch.ops.lmm_fast.lmm_predict_proba_dense.default(logits, psi_t, theta, list(level_sizes))
-
-
-def lmm_topk_tree(
-    logits: Tensor, group_index: Tensor, group_value: Tensor, theta: Tensor, level_sizes: Sequence[int], k: int
-) -> tuple[Tensor, Tensor]:
-    """The ``k`` most probable classes of every row under a tree Ψ.
-
-    Arguments as :func:`lmm_predict_proba_tree`; ``0 <= k <= N``.
-
-    Returns:
-        ``(values [B, k], indices [B, k])``, best first: probabilities in the
-        logits' dtype and int64 classes. On CPU equal probabilities are ordered
-        by class index (NaN ranks first, as in ``torch.topk``); on CUDA ties
-        follow ``torch.topk``. ``values`` is differentiable.
-    """
-    return torch.ops.lmm_fast.lmm_topk_tree.default(logits, group_index, group_value, theta, list(level_sizes), int(k))
-
-
-def lmm_gather_scores(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
-    """``out[b, j] = x[b] · weight[rows[b, j]] + bias[rows[b, j]]``.
-
-    Args:
-        x: ``[B, d]`` features; weight: ``[R, d]`` and bias ``[R]`` (or None) of a
-            linear layer, all of one floating dtype.
-        rows: int64 ``[B, C]`` weight rows per sample in ``[0, R)``, or -1.
-
-    Returns:
-        ``[B, C]`` in ``x``'s dtype, ``-inf`` where ``rows`` is -1. Not
-        differentiable (used for prediction).
-    """
-    return torch.ops.lmm_fast.lmm_gather_scores.default(x, weight, bias, rows)
-
-
-@torch.library.register_fake("lmm_fast::lmm_gather_scores")
-def _gather_scores_fake(x, weight, bias, rows):
-    torch._check(x.dim() == 2 and rows.dim() == 2, lambda: "lmm_fast: x and rows must be 2-D")
-    return x.new_empty((x.shape[0], rows.shape[1]))
-
-
-@torch.library.register_fake("lmm_fast::lmm_predict_proba_tree")
-def _predict_proba_tree_fake(logits, group_index, group_value, theta, level_sizes):
-    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
-    torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
-    return logits.new_empty((logits.shape[0], level_sizes[-1]))
-
-
-@torch.library.register_fake("lmm_fast::lmm_predict_proba_dense")
-def _predict_proba_dense_fake(logits, psi_t, theta, level_sizes):
-    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
-    torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
-    return logits.new_empty((logits.shape[0], level_sizes[-1]))
-
-
-@torch.library.register_fake("lmm_fast::lmm_topk_tree")
-def _topk_tree_fake(logits, group_index, group_value, theta, level_sizes, k):
-    torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
-    torch._check(0 <= k <= level_sizes[-1], lambda: "lmm_fast: k must be in [0, N]")
-    batch = logits.shape[0]
-    return logits.new_empty((batch, k)), logits.new_empty((batch, k), dtype=torch.int64)
-
-
-# Backward of the mixture, in plain PyTorch (prediction is rarely
-# differentiated; this keeps predict_proba usable inside a training graph).
-# For G = ∂/∂P: upper level l gets g = θ_l G Ψ^lᵀ through the softmax
-# Jacobian, the bottom g = θ_L G; ∂/∂θ_l = Σ G ⊙ (z^l Ψ^l).
-
-
-def _vote_grad(grad: Tensor, level: int, size: int, offset: int, tree: tuple[Tensor, Tensor] | None, psi_t: Tensor | None) -> Tensor:
-    """``G Ψ^lᵀ`` ``[B, N_l]``."""
-    if tree is not None:
-        index, value = tree
-        out = grad.new_zeros(grad.shape[0], size)
-        return out.index_add_(1, index[level].long(), grad * value[level].to(grad.dtype))
-    return grad @ psi_t[:, offset : offset + size].to(grad.dtype)
-
-
-def _mixture_backward(grad: Tensor, logits: Tensor, theta: Tensor, level_sizes: Sequence[int], tree, psi_t):
-    acc = accumulate_dtype(logits.dtype)
-    grad = grad.to(acc)
-    theta_acc = theta.to(acc)
-    per_row = theta.dim() == 2
-    grad_levels, grad_theta = [], []
-    offset = 0
-    for level, a in enumerate(split_levels(logits, level_sizes)):
-        z = torch.softmax(a.to(acc), dim=1)
-        if level == len(level_sizes) - 1:
-            g = grad
-        else:
-            g = _vote_grad(grad, level, level_sizes[level], offset, tree, psi_t)
-            offset += level_sizes[level]
-        grad_theta.append((z * g).sum(dim=1) if per_row else (z * g).sum())
-        g = (theta_acc[:, level : level + 1] if per_row else theta_acc[level]) * g
-        grad_levels.append(z * (g - (g * z).sum(dim=1, keepdim=True)))
-    grad_theta = torch.stack(grad_theta, dim=-1)
-    return torch.cat(grad_levels, dim=1).to(logits.dtype), grad_theta.to(theta.dtype)
-
-
-def _proba_tree_setup(ctx, inputs, output):
-    logits, group_index, group_value, theta, level_sizes = inputs
-    ctx.save_for_backward(logits, group_index, group_value, theta)
-    ctx.level_sizes = list(level_sizes)
-
-
-def _proba_tree_backward(ctx, grad):
-    logits, group_index, group_value, theta = ctx.saved_tensors
-    grad_logits, grad_theta = _mixture_backward(
-        grad, logits, theta, ctx.level_sizes, (group_index, group_value), None
-    )
-    return (
-        grad_logits if ctx.needs_input_grad[0] else None,
-        None,
-        None,
-        grad_theta if ctx.needs_input_grad[3] else None,
-        None,
-    )
-
-
-def _proba_dense_setup(ctx, inputs, output):
-    logits, psi_t, theta, level_sizes = inputs
-    ctx.save_for_backward(logits, psi_t, theta)
-    ctx.level_sizes = list(level_sizes)
-
-
-def _proba_dense_backward(ctx, grad):
-    logits, psi_t, theta = ctx.saved_tensors
-    grad_logits, grad_theta = _mixture_backward(grad, logits, theta, ctx.level_sizes, None, psi_t)
-    return (
-        grad_logits if ctx.needs_input_grad[0] else None,
-        None,
-        grad_theta if ctx.needs_input_grad[2] else None,
-        None,
-    )
-
-
-def _topk_setup(ctx, inputs, output):
-    logits, group_index, group_value, theta, level_sizes, k = inputs
-    _, indices = output
-    ctx.save_for_backward(logits, group_index, group_value, theta, indices)
-    ctx.level_sizes = list(level_sizes)
-    ctx.mark_non_differentiable(indices)
-
-
-def _topk_backward(ctx, grad_values, grad_indices):
-    logits, group_index, group_value, theta, indices = ctx.saved_tensors
-    if grad_values is None:
-        return None, None, None, None, None, None
-    grad = grad_values.new_zeros(logits.shape[0], ctx.level_sizes[-1]).scatter_(1, indices, grad_values)
-    grad_logits, grad_theta = _mixture_backward(
-        grad, logits, theta, ctx.level_sizes, (group_index, group_value), None
-    )
-    return (
-        grad_logits if ctx.needs_input_grad[0] else None,
-        None,
-        None,
-        grad_theta if ctx.needs_input_grad[3] else None,
-        None,
-        None,
-    )
-
-
-torch.library.register_autograd(
-    "lmm_fast::lmm_predict_proba_tree", _proba_tree_backward, setup_context=_proba_tree_setup
-)
-torch.library.register_autograd(
-    "lmm_fast::lmm_predict_proba_dense", _proba_dense_backward, setup_context=_proba_dense_setup
-)
-torch.library.register_autograd("lmm_fast::lmm_topk_tree", _topk_backward, setup_context=_topk_setup)
-
-
-# ---------------------------------------------------------------------------
 # Dispatch from the loss's state
 # ---------------------------------------------------------------------------
 
@@ -416,33 +208,52 @@ def predict_topk(
     return torch.topk(proba, k, dim=1)
 
 
-# ---------------------------------------------------------------------------
-# References
-# ---------------------------------------------------------------------------
-
-
-def predict_proba_tree_reference(
-    logits: Tensor, group_index: Tensor, group_value: Tensor, theta: Tensor, level_sizes: Sequence[int]
+def path_score_proba(
+    logits: Tensor | Sequence[Tensor],
+    assignments: Sequence[Tensor],
+    level_sizes: Sequence[int] | None = None,
 ) -> Tensor:
-    """Pure-PyTorch oracle of :func:`lmm_predict_proba_tree` (dense Ψ rebuilt)."""
-    tree = TreeIndex(group_index, group_value, list(level_sizes))
-    return predict_proba_reference(logits, tree.to_psi(logits.dtype), theta)
+    """Product-of-levels scorer: ``P(y | x) ∝ Π_l softmax(a^l)[g_l(y)]``.
 
+    Args:
+        logits: packed ``[B, N_1 + … + N_{L-1} + N]`` or a per-level list.
+        assignments: one long ``[N]`` tensor per upper level, the group
+            ``g_l(y)`` of every class (``Hierarchy.assignments``: a tree).
+        level_sizes: ``[N_1, …, N_{L-1}, N]`` (needed for packed logits;
+            default: from the assignments, ``max + 1`` per level).
 
-def predict_topk_reference(
-    logits: Tensor | Sequence[Tensor], psi: Sequence[Tensor], theta: Tensor, k: int
-) -> tuple[Tensor, Tensor]:
-    """Pure-PyTorch oracle of the top-k: full probabilities, then a stable
-    descending sort, so equal probabilities are ordered by class index."""
-    proba = predict_proba_reference(logits, psi, theta)
-    values, indices = torch.sort(proba, dim=1, descending=True, stable=True)
-    return values[:, :k], indices[:, :k]
-
-
-def gather_scores_reference(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
-    """Pure-PyTorch oracle of :func:`lmm_gather_scores` (gathers a ``[B, C, d]`` copy)."""
-    safe = rows.clamp_min(0)
-    out = torch.bmm(weight[safe], x.unsqueeze(2)).squeeze(2)
-    if bias is not None:
-        out = out + bias[safe]
-    return out.masked_fill(rows < 0, float("-inf"))
+    Returns ``[B, N]`` float32, rows on the simplex (normalised over classes,
+    in log space). Unlike the mixture it is not capped: a class can reach
+    probability 1 when every level agrees; its argmax is the class whose
+    whole path scores best.
+    """
+    if isinstance(assignments, Tensor) or len(assignments) == 0:
+        raise ValueError("assignments must be a non-empty list of [N] group ids, one per upper level")
+    groups = [torch.as_tensor(a).long() for a in assignments]
+    n = groups[0].numel()
+    for l, g in enumerate(groups):
+        if g.dim() != 1 or g.numel() != n:
+            raise ValueError(f"assignments[{l}] must be [N] = [{n}], got shape {tuple(g.shape)}")
+        if int(g.min()) < 0:
+            raise ValueError(f"assignments[{l}] has a negative group id: path scores need a tree (every class in one group)")
+    if level_sizes is None:
+        level_sizes = [int(g.max()) + 1 for g in groups] + [n]
+    level_sizes = [int(s) for s in level_sizes]
+    if len(level_sizes) != len(groups) + 1 or level_sizes[-1] != n:
+        raise ValueError(f"level_sizes must list the {len(groups)} upper levels and N = {n} last, got {level_sizes}")
+    if isinstance(logits, (list, tuple)):
+        parts = list(logits)
+    else:
+        if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[1] != sum(level_sizes):
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"logits must be [B, {sum(level_sizes)}] (levels {level_sizes} packed), got {shape}")
+        parts = list(torch.split(logits, level_sizes, dim=1))
+    if len(parts) != len(level_sizes) or any(p.shape[1] != s for p, s in zip(parts, level_sizes)):
+        raise ValueError(f"logits must hold levels of sizes {level_sizes}")
+    for l, (g, s) in enumerate(zip(groups, level_sizes)):
+        if int(g.max()) >= s:
+            raise ValueError(f"assignments[{l}] has group {int(g.max())} but level {l} has {s} groups")
+    score = F.log_softmax(parts[-1].float(), dim=1)
+    for part, g in zip(parts[:-1], groups):
+        score = score + F.log_softmax(part.float(), dim=1)[:, g.to(part.device)]
+    return torch.softmax(score, dim=1)

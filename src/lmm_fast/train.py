@@ -16,6 +16,11 @@ classifier and the hierarchy's group-object matrix Ψ.
 ``"lmm_p"``     the LMM loss with Ψ adapted after the warm-up ("w/P");
 ``"lmm_p_tc"``  the same under the non-overlapping constraint ("w/P,TC").
 
+The same loop takes the options of the level weights θ over training
+(:mod:`lmm_fast.theta`): a per-epoch ``schedule`` or a ``gate`` giving each
+example its own θ(x), and any adapter, e.g. a
+:class:`~lmm_fast.adaptation.GuardedGibbsAdapter`.
+
 The loader must yield ``(inputs, targets, indices)``, ``indices`` being the
 dataset positions of the batch's images (the adapter keeps one label per
 image); :class:`IndexedDataset` adds them to any map-style dataset.
@@ -31,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from lmm_fast.adaptation import GibbsAdapter
+from lmm_fast.adaptation.adapter import GibbsAdapter
 
 __all__ = ["SETTINGS", "FitHistory", "IndexedDataset", "fit_lmm"]
 
@@ -100,12 +105,16 @@ def fit_lmm(
     exact: bool = False,
     device: torch.device | str | None = None,
     on_step: Callable[[dict[str, Any]], None] | None = None,
+    head: nn.Module | None = None,
+    schedule: Callable[[int], Tensor] | None = None,
+    gate: nn.Module | None = None,
 ) -> FitHistory:
     """Train ``model`` by Algorithm 1 under one of the Table I settings.
 
     Args:
         model: maps a batch of inputs to packed logits ``[B, ΣN_l]`` (e.g. a
-            backbone followed by :class:`~lmm_fast.LMMHead`).
+            backbone followed by :class:`~lmm_fast.LMMHead`), or to features
+            when ``head`` is given.
         loader: re-iterable; yields ``(inputs, targets [B], indices [B])``.
         optimizer: over the model's parameters (and the loss's θ if learned);
             its weight decay is the paper's ``α/2 ‖W‖²`` (Eq. 21).
@@ -124,13 +133,30 @@ def fit_lmm(
         exact: sample each batch's labels one image at a time.
         device: where batches go (default: the model's parameters' device).
         on_step: called after every step with a dict (``epoch``, ``step``,
-            ``loss``, ``adapted``).
+            ``loss``, ``adapted``, ``theta``: the θ in use, the batch mean of a
+            gate's).
+        head: features → packed logits; with it ``model`` is the backbone
+            (needed by ``gate``, which reads the backbone's features).
+        schedule: ``epoch -> θ [L]`` (e.g. :class:`~lmm_fast.theta.ThetaSchedule`),
+            written into the loss (``set_theta``) at the start of every
+            epoch; not with a gate or a learned θ.
+        gate: a :class:`~lmm_fast.theta.ThetaGate` over the backbone's
+            features: each row's loss uses its own θ(x) (the gate receives the
+            gradient; put its parameters in ``optimizer``).
 
     Returns:
         a :class:`FitHistory`.
     """
     if setting not in SETTINGS:
         raise ValueError(f"setting must be one of {SETTINGS}, got {setting!r}")
+    if schedule is not None and (gate is not None or getattr(loss_fn, "learn_theta", False)):
+        raise ValueError("schedule sets θ per epoch; it cannot be combined with a gate or a learned θ")
+    if (schedule is not None or gate is not None) and setting == "flat":
+        raise ValueError("setting 'flat' has no level weights θ: schedule and gate need an LMM setting")
+    if gate is not None and head is None:
+        raise ValueError("gate reads the backbone's features: pass the backbone as model and the head as head")
+    if gate is not None and gate.num_levels != loss_fn.num_levels:
+        raise ValueError(f"gate gives {gate.num_levels} level weights, the loss has {loss_fn.num_levels} levels")
     if not isinstance(epochs, int) or epochs < 0:
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if not isinstance(warmup_epochs, int) or warmup_epochs < 0:
@@ -159,11 +185,15 @@ def fit_lmm(
             )
     else:
         adapter = None
-    device = torch.device(device) if device is not None else _device_of(model)
+    device = torch.device(device) if device is not None else _device_of(head if head is not None else model)
     history = FitHistory(setting=setting, adapter=adapter)
     step = 0
-    model.train()
+    for module in (model, head, gate):
+        if module is not None:
+            module.train()
     for epoch in range(epochs):
+        if schedule is not None:
+            loss_fn.set_theta(schedule(epoch))
         adapting = adapts and epoch >= warmup_epochs
         total, count = 0.0, 0
         for batch in loader:
@@ -173,20 +203,26 @@ def fit_lmm(
             inputs = inputs.to(device, non_blocking=True)
             targets = torch.as_tensor(targets).to(device, non_blocking=True).long()
             indices = torch.as_tensor(indices).to(device, non_blocking=True).long()
-            logits = model(inputs)
+            features = model(inputs)
+            logits = head(features) if head is not None else features
+            theta = gate(features) if gate is not None else None
             if adapting:
                 adapter.step(logits.detach(), targets, indices, exact=exact)
                 history.adapted_steps += 1
             if setting == "flat":
                 loss = F.cross_entropy(logits[:, -num_classes:], targets)
             else:
-                loss = loss_fn(logits, targets)
+                loss = loss_fn(logits, targets, theta=theta)
             value = optimizer_step(loss, optimizer, epoch, step)
             history.step_losses.append(value)
             total += value * targets.numel()
             count += targets.numel()
             step += 1
             if on_step is not None:
-                on_step({"epoch": epoch, "step": step, "loss": value, "adapted": adapting})
+                if setting == "flat":
+                    used = None
+                else:
+                    used = theta.detach().mean(0) if theta is not None else loss_fn.theta.detach()
+                on_step({"epoch": epoch, "step": step, "loss": value, "adapted": adapting, "theta": used})
         history.epoch_losses.append(total / max(count, 1))
     return history

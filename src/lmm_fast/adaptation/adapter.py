@@ -25,15 +25,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lmm_fast import _gibbs_ops
+from lmm_fast.ops import gibbs as gibbs_ops
 
 __all__ = ["GibbsAdapter", "PRIORS"]
 
 PRIORS = ("per_class", "total")
 _STATE_VERSION = 1
-# Elements of the float64 temporaries the non-overlapping update builds at once
-# (2 MiB: they stay in cache; much larger blocks are bound by memory traffic).
-_BLOCK_ELEMENTS = 1 << 18
 
 
 def _as_index_tensor(value: Any, name: str) -> Tensor:
@@ -97,11 +94,6 @@ class GibbsAdapter:
     pre-trained hierarchy); the first step rewrites all of Ψ from the counts,
     every later step only the groups whose counts changed.
     """
-
-    # The non-overlapping owner update as one fused op per level (True), or
-    # as the earlier sequence of torch ops (False; kept as an independent
-    # implementation the tests compare the op with). Set before the first step.
-    _fused_owner_update = True
 
     def __init__(
         self,
@@ -176,12 +168,6 @@ class GibbsAdapter:
         self._offsets_t = torch.tensor(self.offsets, dtype=torch.long, device=device)
         self.counts_t = torch.zeros(n, self.upper_width, dtype=torch.int32, device=device)
         self.group_totals = torch.zeros(self.upper_width, dtype=torch.int32, device=device)
-        # The torch-op implementation of the non-overlapping update (the
-        # fused gibbs_update_owners op is the default) compares every class's
-        # value in each changed group: a group-major copy of Ω makes those
-        # reads contiguous (the class-major one serves the sampler). Kept only
-        # for that implementation.
-        self._counts_g: Tensor | None = None
         self._recount()
         self._psi_synced = False
         # Identity and version counters of the loss's psi_t / psi_scale after
@@ -189,18 +175,14 @@ class GibbsAdapter:
         # loss load_state_dict, .to()) breaks the factored form the
         # incremental updates maintain, and the next step then rebuilds Ψ.
         self._psi_key: tuple | None = None
-        # Owner state of the constraint, per upper level: owner [N] int64 and,
-        # for the fused op, numerator [N] float64, kept [N_l] int64 and the
-        # nonzero bitmap [N_l, ceil(N/64)] int64, bound [N] float64 (see
-        # gibbs_update_owners);
-        # for the torch-op path, empty [N_l] bool and own_value [N] float64.
+        # Owner state of the constraint, per upper level: owner [N] int64,
+        # numerator [N] float64, kept [N_l] int64, the nonzero bitmap
+        # [N_l, ceil(N/64)] int64 and bound [N] float64 (see gibbs_update_owners).
         self._owner: list[Tensor] | None = None
         self._numerator: list[Tensor] | None = None
         self._kept: list[Tensor] | None = None
         self._nonzero: list[Tensor] | None = None
         self._bound: list[Tensor] | None = None
-        self._empty_python: list[Tensor] | None = None
-        self._own_value: list[Tensor] | None = None
 
     # ------------------------------------------------------------------ setup
     @staticmethod
@@ -235,28 +217,13 @@ class GibbsAdapter:
         ones = torch.ones(cols.numel(), dtype=torch.int32, device=cols.device)
         self.counts_t.index_put_((rows.reshape(-1), cols.reshape(-1)), ones, accumulate=True)
         self.group_totals.index_add_(0, cols.reshape(-1), ones)
-        self._counts_g = self._group_major()
-
-    def _group_major(self) -> Tensor | None:
-        return (self.counts_t.t().contiguous()
-                if self.non_overlapping and not self._fused_owner_update else None)
 
     @property
     def _empty(self) -> list[Tensor] | None:
         """Per upper level, ``[N_l]`` bool: the groups that own no class (constraint only)."""
-        if self._kept is not None:
-            return [k == 0 for k in self._kept]
-        return self._empty_python
-
-    def _move_group_major(self, target: Tensor, old: Tensor, new: Tensor) -> None:
-        if self._counts_g is None:
-            return
-        cols_old = (old + self._offsets_t).reshape(-1)
-        cols_new = (new + self._offsets_t).reshape(-1)
-        rows = target[:, None].expand_as(old).reshape(-1)
-        ones = torch.ones(cols_old.numel(), dtype=torch.int32, device=self.device)
-        self._counts_g.index_put_((cols_old, rows), -ones, accumulate=True)
-        self._counts_g.index_put_((cols_new, rows), ones, accumulate=True)
+        if self._kept is None:
+            return None
+        return [k == 0 for k in self._kept]
 
     # ------------------------------------------------------------ properties
     @property
@@ -290,9 +257,7 @@ class GibbsAdapter:
         device = torch.device(device)
         for name in ("train_targets", "beta", "_labels", "_offsets_t", "counts_t", "group_totals"):
             setattr(self, name, getattr(self, name).to(device))
-        if self._counts_g is not None:
-            self._counts_g = self._counts_g.to(device)
-        for name in ("_owner", "_numerator", "_kept", "_nonzero", "_bound", "_empty_python", "_own_value"):
+        for name in ("_owner", "_numerator", "_kept", "_nonzero", "_bound"):
             if getattr(self, name) is not None:
                 setattr(self, name, [t.to(device) for t in getattr(self, name)])
         return self
@@ -340,7 +305,7 @@ class GibbsAdapter:
             return logits, target, indices
         xi = self.num_images
         # one op and one device sync for the three checks
-        bad_index, repeated, bad_target = _gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
+        bad_index, repeated, bad_target = gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
         if bad_index >= 0:
             raise ValueError(
                 f"indices[{bad_index}] = {int(indices[bad_index])} is not a training image index in [0, {xi})")
@@ -391,20 +356,19 @@ class GibbsAdapter:
         if indices.numel() == 0:
             new = old.clone()
         elif exact:
-            new = _gibbs_ops.gibbs_sample_exact(
+            new = gibbs_ops.gibbs_sample_exact(
                 logits, target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
                 self.level_sizes + [self.num_classes], self.seed, self.step_count, indices,
             )
-            self._move_group_major(target, old, new)
             self._labels[indices] = new
         else:
             new = self._draw(logits, target, indices, old)
             self._apply(target, indices, old, new)
-        self._after_counts_changed(target, old, new)
+        self._after_moves(indices, target, old, new)
         return new
 
     def _draw(self, logits: Tensor, target: Tensor, indices: Tensor, old: Tensor) -> Tensor:
-        return _gibbs_ops.gibbs_sample(
+        return gibbs_ops.gibbs_sample(
             logits, target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
             self.level_sizes + [self.num_classes], self.seed, self.step_count, indices,
         )
@@ -412,13 +376,13 @@ class GibbsAdapter:
     def _apply(self, target: Tensor, indices: Tensor, old: Tensor, new: Tensor) -> None:
         """Moves the images from their old to their new groups in Ω and n and
         records their new labels (one op; integer updates, order-independent)."""
-        _gibbs_ops.gibbs_apply_moves(self.counts_t, self.group_totals, self._labels, target, indices, old, new,
+        gibbs_ops.gibbs_apply_moves(self.counts_t, self.group_totals, self._labels, target, indices, old, new,
                                      self.level_sizes + [self.num_classes])
-        self._move_group_major(target, old, new)
 
-    def _after_counts_changed(self, target: Tensor, old: Tensor, new: Tensor) -> None:
-        """Updates Ψ after the images of classes ``target`` moved from the groups
-        ``old`` to ``new`` (``[B, L-1]``, level-local)."""
+    def _after_moves(self, indices: Tensor, target: Tensor, old: Tensor, new: Tensor) -> None:
+        """Updates Ψ after the images ``indices`` of classes ``target`` moved from
+        the groups ``old`` to ``new`` (``[B, L-1]``, level-local) in the labels,
+        Ω and n. Every step, local or distributed, ends here."""
         if not self._psi_synced or self._psi_key != self._current_psi_key():
             self.refresh_psi()
             return
@@ -426,7 +390,7 @@ class GibbsAdapter:
         if not bool(moved.any()):
             return
         self._check_devices()
-        if self.non_overlapping and self._fused_owner_update:
+        if self.non_overlapping:
             # one op per level; it skips the images whose label did not move
             for level in range(len(self.level_sizes)):
                 self._update_owners(level, target, old[:, level], new[:, level])
@@ -436,16 +400,10 @@ class GibbsAdapter:
         rows = target[:, None].expand_as(old)[moved]
         rows = torch.cat([rows, rows])
         cols = torch.cat([(old + self._offsets_t)[moved], (new + self._offsets_t)[moved]])
-        if not self.non_overlapping:
-            # psi_t[y, t] = Ω[t, y] + β_y changes only at those pairs and
-            # psi_scale[t] = 1 / (n_t + β_0) only for their groups.
-            _gibbs_ops.gibbs_refresh_psi_entries(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
-                                                 self.group_totals, self.beta, self.beta0, rows, cols)
-        else:
-            for level, (offset, size) in enumerate(zip(self.offsets, self.level_sizes)):
-                here = (cols >= offset) & (cols < offset + size)
-                if bool(here.any()):
-                    self._refresh_level_tc(level, rows[here], cols[here] - offset)
+        # psi_t[y, t] = Ω[t, y] + β_y changes only at those pairs and
+        # psi_scale[t] = 1 / (n_t + β_0) only for their groups.
+        gibbs_ops.gibbs_refresh_psi_entries(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
+                                             self.group_totals, self.beta, self.beta0, rows, cols)
         self._psi_key = self._current_psi_key()
 
     def _current_psi_key(self) -> tuple:
@@ -536,11 +494,10 @@ class GibbsAdapter:
         old = self._labels[all_indices]
         if exact:
             if all_indices.numel():
-                new = _gibbs_ops.gibbs_sample_exact(
+                new = gibbs_ops.gibbs_sample_exact(
                     all_logits, all_target, old, self.counts_t, self.group_totals, self.beta, self.beta0,
                     self.level_sizes + [self.num_classes], self.seed, self.step_count, all_indices,
                 )
-                self._move_group_major(all_target, old, new)
             else:
                 new = old.clone()
         else:
@@ -548,7 +505,7 @@ class GibbsAdapter:
             self._apply(all_target, all_indices, old, new)
         if exact:
             self._labels[all_indices] = new
-        self._after_counts_changed(all_target, old, new)
+        self._after_moves(all_indices, all_target, old, new)
         rank = dist.get_rank(self._group)
         start = sum(sizes[:rank])
         return new[start : start + sizes[rank]]
@@ -562,7 +519,7 @@ class GibbsAdapter:
         it on the first step (and if something else wrote the loss's Ψ since
         the adapter's last update); afterwards it updates only what changed."""
         self._check_devices()
-        if self.non_overlapping and self._fused_owner_update:
+        if self.non_overlapping:
             n, dev = self.num_classes, self.device
             self._owner = [torch.zeros(n, dtype=torch.long, device=dev) for _ in self.level_sizes]
             self._numerator = [torch.zeros(n, dtype=torch.float64, device=dev) for _ in self.level_sizes]
@@ -573,155 +530,20 @@ class GibbsAdapter:
             none = torch.empty(0, dtype=torch.long, device=dev)
             for level in range(len(self.level_sizes)):
                 self._update_owners(level, none, none, none, full=True)
-        elif self.non_overlapping:
-            if self._counts_g is None:
-                self._counts_g = self._group_major()
-            self._owner, self._empty_python, self._own_value = [], [], []
-            for level in range(len(self.level_sizes)):
-                self._refresh_level_tc(level, None, None)
         else:
             columns = torch.arange(self.upper_width, device=self.device)
-            _gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
+            gibbs_ops.gibbs_refresh_psi(self.loss_fn.psi_t, self.loss_fn.psi_scale, self.counts_t,
                                          self.group_totals, self.beta, self.beta0, columns)
         self._psi_synced = True
         self._psi_key = self._current_psi_key()
 
     def _update_owners(self, level: int, classes: Tensor, old: Tensor, new: Tensor, full: bool = False) -> None:
-        _gibbs_ops.gibbs_update_owners(
+        gibbs_ops.gibbs_update_owners(
             self.loss_fn.psi_t, self.loss_fn.psi_scale, self._owner[level], self._numerator[level],
             self._kept[level], self._nonzero[level], self._bound[level], self.counts_t, self.group_totals,
             self.beta, self.beta0,
             self.offsets[level], self.level_sizes[level], classes, old, new, full,
         )
-
-    def _eq6(self, counts: Tensor, beta: Tensor, columns: Tensor) -> Tensor:
-        """Eq. 6 in float64 for gathered counts ``[R, C]``, the β ``[R]`` of
-        their classes and the global columns ``[C]`` they come from; the
-        operations of the kernels, so that equal values compare equal."""
-        return (counts.double() + beta.double()[:, None]) / (self.group_totals[columns].double() + self.beta0)
-
-    def _best_groups(self, level: int, classes: Tensor) -> Tensor:
-        """argmax_t of Eq. 6 (first maximum) for ``classes`` over all groups of ``level``."""
-        offset, size = self.offsets[level], self.level_sizes[level]
-        columns = torch.arange(offset, offset + size, device=self.device)
-        level_counts = self.counts_t.narrow(1, offset, size)
-        groups = torch.empty(classes.numel(), dtype=torch.long, device=self.device)
-        block = max(1, _BLOCK_ELEMENTS // size)
-        for start in range(0, classes.numel(), block):
-            part = classes[start : start + block]
-            values = self._eq6(level_counts.index_select(0, part), self.beta[part], columns)
-            groups[start : start + block] = values.argmax(dim=1)
-        return groups
-
-    def _refresh_level_tc(self, level: int, pair_rows: Tensor | None, pair_groups: Tensor | None) -> None:
-        """Non-overlapping Ψ of one level, factored: ``psi_t[y, t] = Ω[t, y] + β_y``
-        if ``t`` owns ``y`` (else 0) and ``psi_scale[t] = 1 / Σ_{y owned by t}
-        (Ω[t, y] + β_y)``; a group that owns no class holds its Eq. 6 row
-        (``psi_t[:, t] = Ω[t, :] + β``, ``psi_scale[t] = 1 / (n_t + β_0)``).
-
-        Full when ``pair_rows`` is None; else incremental after Ω changed at
-        the (class, level-local group) pairs ``pair_rows``, ``pair_groups``.
-        A class keeps its owner unless a changed group now beats it (one
-        comparison per class and changed group) or its owner itself changed
-        (then its whole column of groups is rescanned). Only these entries of
-        ``psi_t`` are written: the changed pairs, and for each class whose
-        owner changed its old and new owner's entries; whole columns only for a
-        group that becomes or stops being empty (rare). The level's
-        ``psi_scale`` slice (``N_l`` numbers) is rewritten every time.
-        """
-        psi_t, psi_scale = self.loss_fn.psi_t, self.loss_fn.psi_scale
-        offset, size = self.offsets[level], self.level_sizes[level]
-        n = self.num_classes
-        classes = torch.arange(n, device=self.device)
-        if pair_rows is None:
-            owner = self._best_groups(level, classes)
-        else:
-            changed = torch.unique(pair_groups)
-            previous = self._owner[level]
-            owner = previous.clone()
-            own_columns = previous + offset
-            # each class's value in its current owner group, the same
-            # operations as _eq6 (elementwise), so ties are seen as ties
-            own_values = ((self.counts_t.gather(1, own_columns[:, None]).squeeze(1).double() + self.beta.double())
-                          / (self.group_totals[own_columns].double() + self.beta0))
-            in_changed = torch.zeros(size, dtype=torch.bool, device=self.device)
-            in_changed[changed] = True
-            columns = changed + offset
-            totals = self.group_totals[columns].double() + self.beta0
-            beta64 = self.beta.double()
-            # Best challenger among the changed groups, per class. Where Ω[t, y]
-            # = 0 the value β_y / (n_t + β_0) is largest in the changed group
-            # with the fewest images (lowest index on ties: argmin returns the
-            # first); the non-zero counts, a few per group, are compared one by
-            # one. A group whose count is non-zero beats its own zero-count
-            # value, so the two parts combine by a plain maximum.
-            fewest = int(torch.argmin(totals))
-            best = beta64 / totals[fewest]
-            arg = torch.full((n,), int(changed[fewest]), dtype=torch.long, device=self.device)
-            k, ys = self._counts_g.index_select(0, columns).nonzero(as_tuple=True)
-            if ys.numel():
-                values = (self._counts_g[columns[k], ys].double() + beta64[ys]) / totals[k]
-                top = torch.full((n,), -1.0, dtype=torch.float64, device=self.device)
-                top.scatter_reduce_(0, ys, values, "amax")
-                groups = torch.where(values == top[ys], changed[k], size)
-                first = torch.full((n,), size, dtype=torch.long, device=self.device)
-                first.scatter_reduce_(0, ys, groups, "amin")
-                use = (top > best) | ((top == best) & (first < arg))
-                best = torch.where(use, top, best)
-                arg = torch.where(use, first, arg)
-            wins = (best > own_values) | ((best == own_values) & (arg < previous))
-            owner = torch.where(wins, arg, previous)
-            # A class whose owner changed needs a rescan only if its value
-            # there fell: otherwise it still beats every unchanged group (as
-            # it did), and the changed ones were compared above.
-            fell = own_values < self._own_value[level]
-            rescan = (in_changed[previous] & fell).nonzero().flatten()
-            if rescan.numel():
-                owner[rescan] = self._best_groups(level, rescan)
-        kept = torch.bincount(owner, minlength=size)
-        empty = kept == 0
-        owner_columns = owner + offset
-        # Normalisers in float64 from the counts (the same expression in the
-        # full and the incremental path, so both give the same bits).
-        numerators = self.counts_t.gather(1, owner_columns[:, None]).squeeze(1).double() + self.beta.double()
-        normaliser = torch.zeros(size, dtype=torch.float64, device=self.device)
-        normaliser.index_add_(0, owner, numerators)
-        own_value = numerators / (self.group_totals[owner_columns].double() + self.beta0)
-        eq6_normaliser = self.group_totals[offset : offset + size].double() + self.beta0
-        block_view = psi_t[:, offset : offset + size]
-        if pair_rows is None:
-            block_view.zero_()
-            refill = empty.nonzero().flatten()
-            entry_rows, entry_columns = classes, owner_columns
-            self._owner.append(owner)
-            self._empty_python.append(empty)
-            self._own_value.append(own_value)
-        else:
-            previous, was_empty = self._owner[level], self._empty_python[level]
-            filled = (was_empty & ~empty).nonzero().flatten()
-            if filled.numel():
-                block_view.index_fill_(1, filled, 0)
-            left = (owner != previous).nonzero().flatten()
-            if left.numel():
-                psi_t[left, previous[left] + offset] = 0
-            refill = (empty & ~was_empty).nonzero().flatten()
-            # a changed pair is non-zero iff its group owns the class or owns none
-            live = (owner[pair_rows] == pair_groups) | empty[pair_groups]
-            entry_rows = torch.cat([left, pair_rows[live]])
-            entry_columns = torch.cat([owner_columns[left], pair_groups[live] + offset])
-            self._owner[level] = owner
-            self._empty_python[level] = empty
-            self._own_value[level] = own_value
-        if refill.numel():
-            _gibbs_ops.gibbs_refresh_psi(psi_t, psi_scale, self.counts_t, self.group_totals, self.beta,
-                                         self.beta0, refill + offset)
-        if entry_rows.numel():
-            _gibbs_ops.gibbs_refresh_psi_entries(psi_t, psi_scale, self.counts_t, self.group_totals, self.beta,
-                                                 self.beta0, entry_rows, entry_columns)
-        # the ops wrote 1 / (n_t + β_0) for the groups they touched; the
-        # owning groups' factor is over their kept classes only
-        scale = torch.where(empty, eq6_normaliser, normaliser).reciprocal()
-        psi_scale[offset : offset + size] = scale.to(psi_scale.dtype)
 
     # ----------------------------------------------------------------- state
     def state_dict(self) -> dict[str, Any]:
@@ -786,11 +608,9 @@ class GibbsAdapter:
         self.beta0 = float(state["beta0"])
         self.prior = state.get("prior", self.prior)
         self.non_overlapping = bool(state["non_overlapping"])
-        self._counts_g = self._group_major()
         self.seed = int(state["seed"])
         self.step_count = int(state["step"])
         self._owner = self._numerator = self._kept = self._nonzero = self._bound = None
-        self._empty_python = self._own_value = None
         self._psi_synced = False
         if state["psi_synced"]:
             self.refresh_psi()

@@ -1,4 +1,5 @@
-"""The remedies of :mod:`lmm_fast.remedies` in ``lmm-fast compare --remedies``.
+"""The remedies (:mod:`lmm_fast.theta`, :mod:`lmm_fast.calibration`, the path score of
+:mod:`lmm_fast.predict`, :mod:`lmm_fast.adaptation.guard`) in ``lmm-fast compare --remedies``.
 
 Runs, for one training seed, the variants of docs/remedies.md beside the flat
 softmax and the paper's LMM of :mod:`lmm_fast.compare` (same split, same seed,
@@ -20,15 +21,12 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
+from lmm_fast.compare.runs import TAIL_SHARE, evaluate_proba, tail_classes
+
 __all__ = [
     "REMEDY_SETTINGS",
     "REMEDY_LABELS",
     "FEWSHOT_SETTINGS",
-    "TAIL_SHARE",
-    "tail_classes",
-    "class_views",
-    "distance_views",
-    "evaluate_proba",
     "path_score_result",
     "remedy_runs",
     "remedy_summary",
@@ -56,68 +54,9 @@ REMEDY_LABELS = {
     "fewshot_flat": "few-shot flat",
     "fewshot_lmm": "few-shot LMM",
 }
-TAIL_SHARE = 0.2
 CALIBRATION_FRACTION = 0.1
 FEWSHOT_K = 4
 GUARD_SHARE = 0.25
-
-
-def tail_classes(train_labels: Tensor, num_classes: int, share: float = TAIL_SHARE) -> Tensor:
-    """bool ``[N]``: the ``ceil(share · N)`` classes with the fewest training
-    rows (ties broken by class index, so the set is fixed by the split)."""
-    counts = torch.bincount(train_labels.long().cpu(), minlength=num_classes)
-    order = torch.sort(counts, stable=True).indices
-    mask = torch.zeros(num_classes, dtype=torch.bool)
-    mask[order[: max(1, math.ceil(share * num_classes))]] = True
-    return mask
-
-
-def class_views(per_class_accuracy: Tensor, tail: Tensor) -> dict[str, float]:
-    """Macro top-1 error (mean over classes of the per-class error, classes
-    with no test row left out) and tail-class error (the same over the
-    ``tail`` classes)."""
-    acc = per_class_accuracy.double()
-    valid = ~torch.isnan(acc)
-    macro = 1.0 - float(acc[valid].mean())
-    tail_valid = valid & tail.to(valid.device)
-    tail_error = 1.0 - float(acc[tail_valid].mean()) if bool(tail_valid.any()) else math.nan
-    return {"macro_error": macro, "tail_error": tail_error}
-
-
-def distance_views(proba: Tensor, test_y: Tensor, semantic) -> dict[str, float]:
-    """Average hierarchical distance of the top-1 and of the top-5 over *all*
-    test rows (a correct class counts 0; "Making Better Mistakes"), in the
-    tree ``semantic``. Unlike the mistake severity (the mean over the
-    mistakes only) it does not improve by making more, milder mistakes."""
-    from lmm_fast import metrics
-
-    if semantic is None:
-        return {"hdist1": math.nan, "hdist5": math.nan}
-    dist = metrics.hierarchical_distance_topk(proba, test_y, semantic, ks=(1, min(5, proba.shape[1])))
-    return {"hdist1": dist[1], "hdist5": dist[min(5, proba.shape[1])]}
-
-
-def evaluate_proba(proba: Tensor, test_y: Tensor, semantic, tail: Tensor, topk: Sequence[int]) -> dict[str, Any]:
-    """The metrics of :func:`lmm_fast.compare._evaluate` from test probabilities ``[M, N]``."""
-    from lmm_fast import metrics
-
-    summary = metrics.confidence_summary(proba, test_y)
-    per_class = metrics.per_class_accuracy(proba, test_y).cpu()
-    result = {
-        "topk_error": {str(k): v for k, v in metrics.topk_error(proba, test_y, tuple(topk)).items()},
-        "per_class_accuracy": per_class,
-        "confidence": summary["mean"],
-        "confidence_correct": summary["mean_correct"],
-        "confidence_wrong": summary["mean_wrong"],
-        "ece": metrics.expected_calibration_error(proba, test_y),
-        "severity": metrics.mistake_severity(proba, test_y, semantic) if semantic is not None else math.nan,
-        "curve": [],
-        "epoch_loss": [],
-        "seconds": 0.0,
-    }
-    result.update(class_views(per_class, tail))
-    result.update(distance_views(proba, test_y, semantic))
-    return result
 
 
 @torch.no_grad()
@@ -133,9 +72,9 @@ def _logits(model, features: Tensor, chunk: int = 8192) -> tuple[Tensor, Tensor]
 
 @torch.no_grad()
 def path_score_result(run: dict[str, Any], task, hierarchy, semantic, tail: Tensor, topk, device: str) -> dict[str, Any]:
-    """The paper's LMM run (``run`` of ``compare._fit``) scored by the product
-    of levels (:func:`lmm_fast.remedies.path_score_proba`) instead of the mixture."""
-    from lmm_fast.remedies import path_score_proba
+    """The paper's LMM run (``run`` of ``compare.fit_run``) scored by the product
+    of levels (:func:`lmm_fast.predict.path_score_proba`) instead of the mixture."""
+    from lmm_fast.predict import path_score_proba
 
     test_x = task.features[task.test_index].to(device)
     test_y = task.labels[task.test_index].to(device)
@@ -146,16 +85,14 @@ def path_score_result(run: dict[str, Any], task, hierarchy, semantic, tail: Tens
 
 def _train_loop(model, loss_fn, params, task_rows: Tensor, task, protocol, seed: int, device: str,
                 schedule=None, gate=None, epochs: int | None = None, on_epoch=None, flat: bool = False):
-    """Adam on ``params`` over the rows ``task_rows`` of the task, with
-    :func:`lmm_fast.remedies.fit_remedy` (or cross-entropy when ``flat``)."""
-    import torch.nn.functional as F
-
-    from lmm_fast.compare import _Batches
-    from lmm_fast.remedies import fit_remedy
+    """Adam on ``params`` over the rows ``task_rows`` of the task, by
+    :func:`lmm_fast.train.fit_lmm` (setting ``"flat"`` or ``"lmm"``)."""
+    from lmm_fast.compare.runs import Batches
+    from lmm_fast.train import fit_lmm
 
     x = task.features[task_rows].to(device)
     y = task.labels[task_rows].to(device)
-    loader = _Batches(x, y, protocol.batch_size, seed)
+    loader = Batches(x, y, protocol.batch_size, seed)
     optimizer = torch.optim.Adam(params, lr=protocol.lr)
     epochs = protocol.epochs if epochs is None else epochs
     steps = len(loader)
@@ -164,22 +101,9 @@ def _train_loop(model, loss_fn, params, task_rows: Tensor, task, protocol, seed:
         if on_epoch is not None and info["step"] % steps == 0:
             on_epoch(info["epoch"], info["loss"])
 
-    if flat:
-        losses = []
-        for epoch in range(epochs):
-            total = 0.0
-            for xb, yb, _ in loader:
-                loss = F.cross_entropy(model(xb)[:, -task.num_classes :], yb)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item() * yb.numel()
-            losses.append(total / y.numel())
-            if on_epoch is not None:
-                on_epoch(epoch, losses[-1])
-        return losses
-    history = fit_remedy(model[0], model[1], loader, optimizer=optimizer, epochs=epochs, loss_fn=loss_fn,
-                         schedule=schedule, gate=gate, device=device, on_step=on_step)
+    history = fit_lmm(model[0], loader, head=model[1], optimizer=optimizer, epochs=epochs,
+                      setting="flat" if flat else "lmm", loss_fn=loss_fn, schedule=schedule, gate=gate,
+                      device=device, on_step=on_step)
     return history.epoch_losses
 
 
@@ -209,14 +133,15 @@ def remedy_runs(
 ) -> dict[str, dict[str, Any]]:
     """All remedy variants except the path score (which reuses the paper's
     LMM run) for one seed: ``{setting: result}`` with the keys of
-    ``compare._evaluate`` plus ``macro_error`` and ``tail_error``."""
-    from lmm_fast.compare import _Batches, _build_model, _fit, _SubTask
-    from lmm_fast.datasets import split_per_class
+    ``compare.evaluate`` plus ``macro_error`` and ``tail_error``."""
+    from lmm_fast.compare.runs import Batches, SubTask, build_model, fit_run
+    from lmm_fast.compare.datasets import split_per_class
     from lmm_fast.hierarchy import Hierarchy
     from lmm_fast.loss import FusedLMMLoss
     from lmm_fast.predict import mixture_proba
-    from lmm_fast.remedies import (GuardedGibbsAdapter, ThetaGate, ThetaSchedule, apply_temperature,
-                                   empty_groups, fit_temperature, fit_test_theta)
+    from lmm_fast.adaptation.guard import GuardedGibbsAdapter, empty_groups
+    from lmm_fast.calibration import apply_temperature, fit_temperature, fit_test_theta
+    from lmm_fast.theta import ThetaGate, ThetaSchedule
     from lmm_fast.train import fit_lmm
 
     n = task.num_classes
@@ -242,7 +167,7 @@ def remedy_runs(
     # 1. θ over training -----------------------------------------------------
     for name in ("lmm_curriculum", "lmm_learned_theta", "lmm_gated"):
         started = time.perf_counter()
-        model = _build_model(task.dim, protocol.hidden, visual, seed, device)
+        model = build_model(task.dim, protocol.hidden, visual, seed, device)
         loss_fn = FusedLMMLoss.from_hierarchy(visual, learn_theta=(name == "lmm_learned_theta")).to(device)
         params = list(model.parameters()) + list(loss_fn.parameters())
         gate = schedule = None
@@ -264,12 +189,12 @@ def remedy_runs(
 
     # 3. Adaptation that cannot wreck the tree ---------------------------------
     started = time.perf_counter()
-    model = _build_model(task.dim, protocol.hidden, visual, seed, device)
+    model = build_model(task.dim, protocol.hidden, visual, seed, device)
     loss_fn = FusedLMMLoss.from_hierarchy(visual).to(device)
     y_train = task.labels[task.train_index].to(device)
     adapter = GuardedGibbsAdapter(loss_fn, visual, y_train, beta="scaled", non_overlapping=True, seed=seed,
                                   max_empty_share=GUARD_SHARE)
-    loader = _Batches(task.features[task.train_index].to(device), y_train, protocol.batch_size, seed)
+    loader = Batches(task.features[task.train_index].to(device), y_train, protocol.batch_size, seed)
     steps = len(loader)
     history = fit_lmm(model, loader, optimizer=torch.optim.Adam(model.parameters(), lr=protocol.lr),
                       epochs=protocol.epochs, setting="lmm_p_tc", loss_fn=loss_fn,
@@ -285,12 +210,12 @@ def remedy_runs(
     fit_pos, held_pos = split_per_class(labels.numpy(), CALIBRATION_FRACTION, seed=0)
     fit_rows = task.train_index[torch.from_numpy(fit_pos)]
     held_rows = task.train_index[torch.from_numpy(held_pos)]
-    sub = _SubTask(task, fit_rows)
+    sub = SubTask(task, fit_rows)
     held_x = task.features[held_rows].to(device)
     held_y = task.labels[held_rows].to(device)
     for base in ("flat", "lmm"):
         started = time.perf_counter()
-        run = _fit(base, visual, sub, protocol, seed, device, task.train_index[:1], on_epoch)
+        run = fit_run(base, visual, sub, protocol, seed, device, task.train_index[:1], on_epoch)
         model, loss_fn = run["model"], run["loss_fn"]
         _, held_logits = _logits(model, held_x)
         _, test_logits = _logits(model, test_x)
@@ -320,7 +245,7 @@ def remedy_runs(
     epochs = max(1, round(full_steps / math.ceil(rows.numel() / protocol.batch_size)))
     for name in FEWSHOT_SETTINGS:
         started = time.perf_counter()
-        model = _build_model(task.dim, protocol.hidden, fewshot_tree, seed, device)
+        model = build_model(task.dim, protocol.hidden, fewshot_tree, seed, device)
         loss_fn = FusedLMMLoss.from_hierarchy(fewshot_tree).to(device)
         flat = name == "fewshot_flat"
         losses = _train_loop(model, loss_fn, list(model.parameters()), rows, task, protocol, seed, device,

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
+from lmm_fast.ops import library  # noqa: F401  (loads the library, registering the operators)
 
 __all__ = ["gibbs_apply_moves", "gibbs_check_batch", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
            "gibbs_update_owners", "gibbs_update_owners_emulated"]

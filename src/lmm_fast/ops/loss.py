@@ -1,7 +1,9 @@
-"""Typed Python wrappers of the ``torch.ops.lmm_fast`` operators, with their
-fake (meta) kernels and autograd formulas registered through ``torch.library``.
+"""Typed wrappers of the loss operators (``torch.ops.lmm_fast.lmm_loss_forward``
+and ``lmm_loss_backward``), with their fake (meta) kernels and autograd formula
+registered through ``torch.library``.
 
-Importing this module loads the compiled library (``lmm_fast._C``).
+Kernels: ``csrc/cpu/loss_cpu.cpp`` and ``csrc/cuda/loss_cuda.cu``; oracles:
+:mod:`lmm_fast.reference.loss`.
 """
 from __future__ import annotations
 
@@ -10,22 +12,9 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-try:
-    from lmm_fast import _C  # noqa: F401  (loads the library, registering the operators)
-except ImportError as error:  # pragma: no cover - depends on the installation
-    raise ImportError(
-        "lmm_fast's compiled operator library (lmm_fast._C) could not be loaded from "
-        f"{__file__.rsplit('/', 1)[0]}: {error}. Install the package with "
-        "`pip install --no-build-isolation .`, or in a source checkout build it in place with "
-        "`python setup.py build_ext --inplace`."
-    ) from error
+from lmm_fast.ops.library import accumulate_dtype
 
-__all__ = ["lmm_loss_forward", "lmm_loss_backward", "has_cuda_kernels", "accumulate_dtype"]
-
-
-def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Dtype of Ψ, θ and the saved statistics for logits of ``dtype``."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+__all__ = ["lmm_loss_forward", "lmm_loss_backward"]
 
 
 def lmm_loss_forward(
@@ -133,7 +122,3 @@ torch.library.register_autograd(
     "lmm_fast::lmm_loss_forward", _backward, setup_context=_setup_context
 )
 
-
-def has_cuda_kernels() -> bool:
-    """True when the library was compiled with its CUDA kernels."""
-    return torch._C._dispatch_has_kernel_for_dispatch_key("lmm_fast::lmm_loss_forward", "CUDA")
