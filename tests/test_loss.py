@@ -2,6 +2,7 @@
 reference."""
 import os
 import shutil
+import zlib
 
 import pytest
 import torch
@@ -48,7 +49,7 @@ def random_theta(levels, gen, zeros=False):
 @pytest.mark.parametrize("dense", [False, True])
 @pytest.mark.parametrize("zeros", [False, True])
 def test_matches_reference(batch, sizes, dense, zeros):
-    gen = torch.Generator().manual_seed(hash((batch, tuple(sizes), dense, zeros)) % 2**31)
+    gen = torch.Generator().manual_seed(zlib.crc32(repr((batch, tuple(sizes), dense, zeros)).encode()))
     logits, target, psi = random_problem(batch, sizes, dense=dense, generator=gen)
     theta = random_theta(len(sizes), gen, zeros)
     loss_fn = make_loss(psi, theta, sizes[-1], reduction="none")

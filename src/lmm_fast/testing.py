@@ -7,7 +7,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["devices", "cuda_available", "tree_psi", "dense_psi", "random_problem", "tolerances"]
+__all__ = ["devices", "cuda_available", "tree_psi", "dense_psi", "random_problem", "tolerances", "toy_task",
+           "toy_loader"]
 
 
 def cuda_available() -> bool:
@@ -75,3 +76,30 @@ def tolerances(dtype: torch.dtype) -> dict:
         torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
         torch.float16: dict(rtol=2e-3, atol=2e-3),
     }[dtype]
+
+
+def toy_task(n_classes: int = 12, per_class: int = 20, dim: int = 6, seed: int = 0):
+    """``(x [M, dim], y [M], hierarchy)``: Gaussian clusters, ``per_class`` rows
+    per class, and a two-level hierarchy ``[2, 4]`` from their class means."""
+    from lmm_fast.hierarchy import Hierarchy
+
+    g = torch.Generator().manual_seed(seed)
+    centers = torch.randn(n_classes, dim, generator=g) * 3
+    y = torch.arange(n_classes).repeat_interleave(per_class)
+    x = centers[y] + torch.randn(y.numel(), dim, generator=g)
+    return x, y, Hierarchy.from_features(x, y, [2, 4], seed=0)
+
+
+def toy_loader(x: Tensor, y: Tensor, size: int = 32, seed: int = 0):
+    """A re-iterable loader of shuffled ``(x, y, indices)`` mini-batches, as
+    :func:`lmm_fast.train.fit_lmm` takes them."""
+    g = torch.Generator().manual_seed(seed)
+
+    class Loader:
+        def __iter__(self):
+            order = torch.randperm(y.numel(), generator=g)
+            for s in range(0, y.numel(), size):
+                i = order[s : s + size]
+                yield x[i], y[i], i
+
+    return Loader()

@@ -150,29 +150,18 @@ class SubTask:
 
 
 def evaluate(run: dict[str, Any], task, setting: str, hierarchy, semantic, device: str) -> dict[str, Any]:
+    """The test metrics of one run of :func:`fit_run`."""
     from lmm_fast import metrics
+
     test_x = task.features[task.test_index].to(device)
     test_y = task.labels[task.test_index].to(device)
     proba = _predict(run["model"], run["loss_fn"], run["flat"], test_x)
-    per_class = metrics.per_class_accuracy(proba, test_y).cpu()
-    summary = metrics.confidence_summary(proba, test_y)
-    result: dict[str, Any] = {
-        "topk_error": {str(k): v for k, v in metrics.topk_error(proba, test_y, TOPK).items()},
-        "per_class_accuracy": per_class,
-        "confidence": summary["mean"],
-        "confidence_correct": summary["mean_correct"],
-        "confidence_wrong": summary["mean_wrong"],
-        "ece": metrics.expected_calibration_error(proba, test_y),
-        "severity": metrics.mistake_severity(proba, test_y, semantic) if semantic is not None else math.nan,
-        "curve": run["curve"],
-        "epoch_loss": list(run["history"].epoch_losses),
-        "seconds": run["seconds"],
-    }
     # Where a hierarchy should help, if anywhere: macro top-1, the error on
     # the 20 % of classes with the fewest training rows, and the tree
     # distance of the top-1 / top-5 over all rows (docs/remedies.md).
-    result.update(class_views(per_class, tail_classes(task.labels[task.train_index], task.num_classes)))
-    result.update(distance_views(proba, test_y, semantic))
+    tail = tail_classes(task.labels[task.train_index], task.num_classes)
+    result = evaluate_proba(proba, test_y, semantic, tail, TOPK)
+    result.update(curve=run["curve"], epoch_loss=list(run["history"].epoch_losses), seconds=run["seconds"])
     if setting in ("lmm_p", "lmm_p_tc"):
         report = metrics.reassignment_report(hierarchy, run["loss_fn"])
         result["reassigned"] = [int(level.moved.numel()) for level in report.levels]
