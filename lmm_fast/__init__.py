@@ -18,6 +18,7 @@ from lmm_fast import metrics, predict
 from lmm_fast.head import LMMHead
 from lmm_fast.predict import predict_topk
 from lmm_fast import remedies
+from lmm_fast import decide
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "predict",
     "predict_topk",
     "remedies",
+    "decide",
     "build_info",
     "default_theta",
     "has_cuda_kernels",
