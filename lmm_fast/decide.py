@@ -406,23 +406,25 @@ def crm(proba: Tensor, hierarchy: Any, k: int = 5, *, atol: float = 1e-3) -> Ten
     index, proba = _check_index(hierarchy, proba)
     k = _check_k(k, index.num_classes)
     rows, n = proba.shape
-    out = torch.empty(rows, k, dtype=torch.int64, device=proba.device)
+    classes = torch.empty(rows, k, dtype=torch.int64, device=proba.device)
+    support_of = torch.empty(rows, k, dtype=proba.dtype, device=proba.device)
     chunks = _row_chunks(proba)
     buffer = torch.empty(chunks[0][1].shape[0] if chunks else 0, n, dtype=proba.dtype, device=proba.device)
     width = min(k + 1, n)
     for offset, block in chunks:
         support = _support_into(buffer[: block.shape[0]], block, index, atol, offset)
-        values, classes = torch.topk(support, width, dim=1)
-        top = classes[:, :k]
-        ranked = _lexsort_rows(top, [(support.gather(1, top), True), (block.gather(1, top), True)])
+        values, top = torch.topk(support, width, dim=1)
+        here = slice(offset, offset + block.shape[0])
+        classes[here], support_of[here] = top[:, :k], values[:, :k]
         if width > k:
             # Rows where classes tied with the k-th risk fall on both sides of
             # the cut: the tied ones are chosen by probability, then class index.
             straddle = (values[:, k - 1] == values[:, k]).nonzero().flatten()
             if straddle.numel():
-                ranked[straddle] = _resolve_ties(support[straddle], block[straddle], values[straddle, k - 1], k)
-        out[offset : offset + block.shape[0]] = ranked
-    return out
+                picked = _resolve_ties(support[straddle], block[straddle], values[straddle, k - 1], k)
+                classes[here][straddle] = picked
+                support_of[here][straddle] = support[straddle].gather(1, picked)
+    return _lexsort_rows(classes, [(support_of, True), (proba.gather(1, classes), True)])
 
 
 def _resolve_ties(support: Tensor, proba: Tensor, cut: Tensor, k: int) -> Tensor:
@@ -435,8 +437,7 @@ def _resolve_ties(support: Tensor, proba: Tensor, cut: Tensor, k: int) -> Tensor
     top = torch.topk(torch.where(above, support, torch.full_like(support, -_INF)), k, dim=1).indices
     candidates = torch.cat([top, tied_best], dim=1)
     chosen = torch.cat([above.gather(1, top), torch.arange(k, device=proba.device).unsqueeze(0) < room], dim=1)
-    picked = candidates.gather(1, torch.argsort(chosen.to(torch.int8), dim=1, descending=True, stable=True)[:, :k])
-    return _lexsort_rows(picked, [(support.gather(1, picked), True), (proba.gather(1, picked), True)])
+    return candidates.gather(1, torch.argsort(chosen.to(torch.int8), dim=1, descending=True, stable=True)[:, :k])
 
 
 # ---------------------------------------------------------------------------

@@ -209,6 +209,8 @@ def test_chunked_rows_agree_and_report_global_rows(monkeypatch):
     torch.testing.assert_close(expected_distance(proba, h), whole_risk, rtol=0, atol=0)
     for got, want in zip(HedgePolicy(h, 0.6)(proba), whole_answer):
         assert torch.equal(got, want)
+    ties = _dyadic(97, h.num_classes, gen)  # cut ties in rows of every chunk
+    assert torch.equal(crm(ties, h, 4), crm_reference(ties, h, 4))
     bad = proba.clone()
     bad[37, 3] = float("nan")
     with pytest.raises(ValueError, match="NaN .*row 37"):
