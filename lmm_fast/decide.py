@@ -82,7 +82,12 @@ __all__ = [
 MAX_NON_NESTED_LEVELS = 10
 RULES = ("hedge", "top_class", "top_class_coarse")
 _INF = math.inf
+# Row blocks: passes over one block reuse its (cache-resident) temporaries.
+# With several threads every op is a parallel region, and on a loaded machine
+# each waits for its slowest thread, so fewer, larger blocks pay off there
+# (measured, docs/decide.md).
 _CHUNK_BYTES = 8 << 20
+_CHUNK_BYTES_PARALLEL = 64 << 20
 
 
 # ---------------------------------------------------------------------------
@@ -263,12 +268,12 @@ def _check_sums(sums: Tensor, block: Tensor, atol: float, offset: int = 0, name:
 
 
 def _row_chunks(proba: Tensor) -> list[tuple[int, Tensor]]:
-    """``(offset, rows)`` blocks of about :data:`_CHUNK_BYTES`: each block's
-    temporaries stay in cache between the passes over it (measured 1.8x
-    faster than whole-batch passes at N = 100 000, docs/decide.md)."""
+    """``(offset, rows)`` blocks of about :data:`_CHUNK_BYTES` (one thread) or
+    :data:`_CHUNK_BYTES_PARALLEL` bytes; the whole batch on a GPU."""
     if proba.device.type != "cpu":
         return [(0, proba)]
-    step = max(1, _CHUNK_BYTES // max(1, proba.shape[1] * proba.element_size()))
+    budget = _CHUNK_BYTES if torch.get_num_threads() == 1 else _CHUNK_BYTES_PARALLEL
+    step = max(1, budget // max(1, proba.shape[1] * proba.element_size()))
     return [(start, proba[start : start + step]) for start in range(0, proba.shape[0], step)]
 
 

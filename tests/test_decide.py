@@ -204,6 +204,7 @@ def test_chunked_rows_agree_and_report_global_rows(monkeypatch):
     whole_crm, whole_risk = crm(proba, h, 4), expected_distance(proba, h)
     whole_answer = HedgePolicy(h, 0.6)(proba)
     monkeypatch.setattr(decide, "_CHUNK_BYTES", 7 * h.num_classes * 4)  # 7 rows a chunk
+    monkeypatch.setattr(decide, "_CHUNK_BYTES_PARALLEL", 7 * h.num_classes * 4)
     assert len(decide._row_chunks(proba)) == 14
     assert torch.equal(crm(proba, h, 4), whole_crm)
     torch.testing.assert_close(expected_distance(proba, h), whole_risk, rtol=0, atol=0)
