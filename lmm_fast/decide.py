@@ -605,7 +605,7 @@ def conformal_rank(n: int, accuracy: float, delta: float | None = None) -> int:
     return int((cdf <= delta).sum()) - 1
 
 
-def _check_rule(rule: str, index: DecisionIndex) -> str:
+def _check_rule(rule: str) -> str:
     if rule not in RULES:
         raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
     return rule
@@ -689,7 +689,7 @@ class HedgePolicy:
         """
         index, proba = _check_index(hierarchy, proba_val, "proba_val")
         target = _check_target(y_val, proba, "y_val")
-        _check_rule(rule, index)
+        _check_rule(rule)
         n = proba.shape[0]
         rank = conformal_rank(n, accuracy, delta)
         probs, nodes = _levels(proba, index, atol)
@@ -772,7 +772,7 @@ def hedge_curve(
     probabilities, +inf), computed exactly on the given rows."""
     index, proba = _check_index(hierarchy, proba)
     target = _check_target(target, proba)
-    _check_rule(rule, index)
+    _check_rule(rule)
     if not target.numel():
         raise ValueError("hedge_curve: no rows")
     probs, nodes = _levels(proba, index, atol)
