@@ -18,6 +18,7 @@ from lmm_fast.predict import predict_topk
 from lmm_fast import calibration, theta
 from lmm_fast.adaptation import GibbsAdapter, GuardedGibbsAdapter
 from lmm_fast import adaptation, train
+from lmm_fast import decide
 
 __version__ = "0.1.0"
 
@@ -44,6 +45,7 @@ __all__ = [
     "calibration",
     "theta",
     "ops",
+    "decide",
     "build_info",
     "default_theta",
     "has_cuda_kernels",
