@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 
 # The public names: name -> (module, attribute; None for the module itself).
 # A new public name goes here and in the TYPE_CHECKING block below
-# (tests/test_layout.py checks that both agree).
+# (tests/test_cli_startup.py checks that both agree).
 _EXPORTS: dict[str, tuple[str, str | None]] = {
     "FusedLMMLoss": ("lmm_fast.loss", "FusedLMMLoss"),
     "default_theta": ("lmm_fast.loss", "default_theta"),

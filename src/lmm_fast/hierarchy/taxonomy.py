@@ -243,7 +243,7 @@ def taxonomy_levels(edges: Any, classes: Sequence[Any] | None = None) -> dict[st
         node = parent
         for k in range(d - 1, 0, -1):
             keys[k - 1][y] = node
-            node = parent_of[node]
+            node = parent_of.get(node)
 
     assignments, sizes, names, depths = [], [], [], []
     for k, level in enumerate(keys, start=1):

@@ -99,7 +99,7 @@ class Hierarchy:
         sigma: float | None = None,
         info: Mapping[str, Any] | None = None,
         group_names: Sequence[Sequence[str]] | None = None,
-    ):
+    ) -> None:
         """Low-level constructor for already validated parts; prefer the from_* builders."""
         self._assignments = [a.detach().to("cpu", torch.int64).contiguous() for a in assignments]
         self._level_sizes = [int(k) for k in level_sizes]
