@@ -16,7 +16,7 @@ the bottom level (the classes themselves) is implicit. It is built from
 
 :meth:`Hierarchy.to_newick`, :meth:`Hierarchy.to_dot` and
 :meth:`Hierarchy.export` write a tree for other tools
-(:mod:`lmm_fast.hierarchy.export`).
+(:mod:`lmm_fast.hierarchy.formats`).
 
 Clustering methods (keyword ``method=``):
 
@@ -620,21 +620,21 @@ class Hierarchy:
                 os.remove(tmp)
 
     def to_newick(self, *, collapse: bool = True, branch_lengths: bool = True) -> str:
-        """The tree as a Newick string (:func:`lmm_fast.hierarchy.export.to_newick`)."""
-        from lmm_fast.hierarchy.export import to_newick
+        """The tree as a Newick string (:func:`lmm_fast.hierarchy.formats.to_newick`)."""
+        from lmm_fast.hierarchy.formats import to_newick
 
         return to_newick(self, collapse=collapse, branch_lengths=branch_lengths)
 
     def to_dot(self, *, collapse: bool = True, rankdir: str = "TB") -> str:
-        """The tree as Graphviz DOT (:func:`lmm_fast.hierarchy.export.to_dot`)."""
-        from lmm_fast.hierarchy.export import to_dot
+        """The tree as Graphviz DOT (:func:`lmm_fast.hierarchy.formats.to_dot`)."""
+        from lmm_fast.hierarchy.formats import to_dot
 
         return to_dot(self, collapse=collapse, rankdir=rankdir)
 
     def export(self, path: str | os.PathLike, **options: Any) -> str:
         """Writes JSON, Newick or DOT by the extension of ``path`` (ValueError for
-        another); returns the format. See :func:`lmm_fast.hierarchy.export.export`."""
-        from lmm_fast.hierarchy.export import export
+        another); returns the format. See :func:`lmm_fast.hierarchy.formats.export`."""
+        from lmm_fast.hierarchy.formats import export
 
         return export(self, path, **options)
 
