@@ -62,7 +62,8 @@ def _resolve(name: str) -> Any:
 
 def _command_line_is_starting() -> bool:
     """True while the ``lmm-fast`` script or ``python -m lmm_fast[.…]`` imports this package."""
-    argv0 = sys.argv[0] if sys.argv else ""
+    argv = getattr(sys, "argv", None) or [""]  # an embedding interpreter may set none
+    argv0 = argv[0]
     script = os.path.basename(argv0).lower()
     for suffix in (".exe", "-script.pyw", "-script.py"):
         script = script.removesuffix(suffix)
