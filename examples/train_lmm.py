@@ -5,9 +5,10 @@ softmax and the level-wise mixture model (a visual hierarchy from the class
 means, Ψ adapted by collapsed Gibbs sampling after a warm-up) are trained in
 an ordinary PyTorch loop on the same batches, the LMM run is saved and
 reloaded, and both are evaluated on held-out rows (top-k error, mistake
-severity). About 20 s on 2 CPU cores; ``--quick`` is a smaller run (tests).
+severity). About 4 s on 2 CPU cores (8 s with Python and torch starting),
+also with other jobs on the cores; ``--quick`` is a smaller run (tests).
 
-    python examples/train_lmm.py [--quick] [--out DIR] [--epochs E] [--seed S]
+    python examples/train_lmm.py [--quick] [--out DIR] [--epochs E] [--seed S] [--threads T]
 """
 from __future__ import annotations
 
@@ -86,7 +87,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--epochs", type=int, help="epochs per model (default 5; --quick 3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", help="folder for the saved run (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these small matrices gain nothing from more, and "
+                             "with other jobs on the cores 2 threads were measured 15x slower than 1)")
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run(args: argparse.Namespace) -> dict[str, float]:
     started = time.perf_counter()
     torch.manual_seed(args.seed)
     sizes = dict(num_super=4, per_super=10, train_per_class=20, test_per_class=10, dim=16) if args.quick else \
