@@ -121,60 +121,119 @@ def _positive_float(text: str) -> float:
 # ---------------------------------------------------------------------------
 
 
-def _add_hierarchy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from lmm_fast.hierarchy import METHODS, METRICS
+# The choices of --method and --metric, kept here so that `lmm-fast --help`
+# does not import torch; tests/test_taxonomy.py checks them against
+# lmm_fast.hierarchy.METHODS and METRICS.
+_METHODS = ("balanced", "ward", "average", "complete")
+_METRICS = ("euclidean", "cosine")
+# Output extensions of -o, as lmm_fast.hierarchy.EXPORT_FORMATS (checked by the same test).
+_OUTPUT_EXTENSIONS = (".json", ".json.gz", ".nwk", ".newick", ".tre", ".tree", ".dot", ".gv")
 
+
+def _add_hierarchy_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "hierarchy",
-        help="build a visual hierarchy from deep features (or class means) and save it as JSON",
+        help="build a hierarchy (from deep features, class means or your own taxonomy) and save it",
         description=(
             "Build a visual hierarchy (paper Section IV): class means of deep features, "
             "the similarity S = exp(-d/sigma) of Eq. 3 with a self-tuned sigma, and nested "
-            "clustering with exactly the requested number of groups per level."
+            "clustering with exactly the requested number of groups per level. Or read your own "
+            "taxonomy (--parents). Writes JSON, Newick or Graphviz DOT by the extension of -o."
         ),
-        epilog="example: lmm-fast hierarchy --features F.npy --labels L.npy --levels 10,100 -o tree.json",
+        epilog="examples: lmm-fast hierarchy --features F.npy --labels L.npy --levels 10,100 -o tree.json | "
+               "lmm-fast hierarchy --parents taxonomy.csv -o tree.json -o tree.nwk --plot-tree tree.png",
     )
     source = parser.add_argument_group("input")
     source.add_argument("--features", metavar="FILE", help="features [M, d] (.npy, .npz, .pt)")
-    source.add_argument("--labels", metavar="FILE", help="class of every feature row, integers [M]; "
+    source.add_argument("--labels", metavar="FILE", help="class of every feature row, integers [M] or strings "
+                        "(classes in sorted order, or in the order of --class-names); "
                         "optional if the --features archive has a 'labels' entry")
     source.add_argument("--means", metavar="FILE", help="class representations [N, d] instead of "
                         "features and labels (class means, or a classifier's weight rows)")
+    source.add_argument("--parents", metavar="CSV", help="your own taxonomy instead: parent,child rows (a header "
+                        "row naming 'parent' and 'child' is optional; .tsv: tab-separated); the leaves are the classes")
     source.add_argument("--features-key", metavar="KEY", help="entry of a .npz/.pt archive holding the features")
     source.add_argument("--labels-key", metavar="KEY", help="entry of a .npz/.pt archive holding the labels")
     source.add_argument("--means-key", metavar="KEY", help="entry of a .npz/.pt archive holding the class means")
     source.add_argument("--num-classes", type=int, metavar="N", help="number of classes (default: max label + 1)")
-    source.add_argument("--class-names", metavar="FILE", help="class names: a text file with one per line, or a JSON list")
+    source.add_argument("--class-names", metavar="FILE", help="class names: a text file with one per line, or a JSON "
+                        "list; with --parents, the leaves in class-index order")
     clustering = parser.add_argument_group("clustering")
-    clustering.add_argument("--levels", required=True, type=_int_list, metavar="N1,N2,...",
-                            help="groups per upper level, top first, strictly increasing, each < N")
-    clustering.add_argument("--method", default="balanced", choices=METHODS,
+    clustering.add_argument("--levels", type=_int_list, metavar="N1,N2,...",
+                            help="groups per upper level, top first, strictly increasing, each < N "
+                            "(required, except with --parents)")
+    clustering.add_argument("--method", default="balanced", choices=_METHODS,
                             help="balanced: recursive balanced k-means (any N, default); ward/average/complete: "
                             "dendrogram cuts (N <= 20000)")
-    clustering.add_argument("--metric", default="euclidean", choices=METRICS, help="distance d of Eq. 3")
+    clustering.add_argument("--metric", default="euclidean", choices=_METRICS, help="distance d of Eq. 3")
     clustering.add_argument("--balance", type=float, default=2.0,
                             help="balanced method: group sizes within [N/(b N_l), b N/N_l] (default 2)")
     clustering.add_argument("--sigma", type=_positive_float, help="sigma of Eq. 3 (default: self-tuned)")
     clustering.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     clustering.add_argument("--device", default="cpu", help="torch device to cluster on, e.g. cuda (default cpu)")
     output = parser.add_argument_group("output")
-    output.add_argument("-o", "--output", required=True, metavar="FILE", help="hierarchy file (.json or .json.gz)")
+    output.add_argument("-o", "--output", required=True, action="append", metavar="FILE",
+                        help="hierarchy file, format by extension: .json or .json.gz (the hierarchy), "
+                        ".nwk/.newick/.tre/.tree (Newick) or .dot/.gv (Graphviz DOT); repeat for several")
     output.add_argument("--plot", metavar="PNG", help="also draw group sizes and the tree-ordered similarity matrix")
+    output.add_argument("--plot-tree", metavar="PNG", help="also draw the tree: a dendrogram of the levels")
     output.add_argument("-q", "--quiet", action="store_true", help="no progress bars and no summary")
     parser.set_defaults(handler=_run_hierarchy)
     return parser
 
 
+def _check_outputs(paths: Sequence[str]) -> None:
+    for path in paths:
+        name = path.lower()
+        if not any(name.endswith(ext) for ext in _OUTPUT_EXTENSIONS):
+            raise CommandError(
+                f"-o {path}: unknown extension; use {', '.join(_OUTPUT_EXTENSIONS)} "
+                f"(JSON: the hierarchy; Newick or DOT: the tree)"
+            )
+
+
+def _class_ids(labels: Any, names: list[str] | None) -> tuple[Any, list[str] | None, bool]:
+    """Integer class ids of ``labels``, the class names, and whether the labels were strings.
+
+    String labels are numbered in sorted order, which gives the class names,
+    or by their position in ``names`` (``--class-names``).
+    """
+    import numpy as np
+
+    if not isinstance(labels, (np.ndarray, list, tuple)):
+        return labels, names, False  # a tensor holds numbers
+    array = np.asarray(labels)
+    if array.dtype.kind not in "US" and not (array.dtype == object and array.size and isinstance(array.flat[0], str)):
+        return labels, names, False
+    if array.ndim != 1:
+        raise CommandError(f"labels must be 1-D [M], got shape {array.shape}")
+    array = array.astype(str)
+    if names is None:
+        unique, ids = np.unique(array, return_inverse=True)
+        return ids.astype(np.int64), [str(n) for n in unique], True
+    index = {name: i for i, name in enumerate(names)}
+    missing = [value for value in dict.fromkeys(array.tolist()) if value not in index]
+    if missing:
+        raise CommandError(f"labels {missing[:5]} are not in --class-names ({len(missing)} such labels)")
+    return np.fromiter((index[v] for v in array.tolist()), dtype=np.int64, count=array.size), names, True
+
+
 def _run_hierarchy(args: argparse.Namespace) -> int:
+    _check_outputs(args.output)
+    if args.parents is not None:
+        return _run_taxonomy(args)
+    if args.levels is None:
+        raise CommandError("--levels is required (or give a taxonomy with --parents)")
+
     import torch
 
-    from lmm_fast.hierarchy import Hierarchy, class_means, plot_hierarchy, self_tuning_sigma
+    from lmm_fast.hierarchy import Hierarchy, class_means, self_tuning_sigma
     from lmm_fast.hierarchy.checks import check_level_sizes
 
     if args.means is not None and (args.features is not None or args.labels is not None):
         raise CommandError("give either --means or --features/--labels, not both")
     if args.means is None and args.features is None:
-        raise CommandError("give --features and --labels (or --means)")
+        raise CommandError("give --features and --labels (or --means, or --parents)")
     try:
         device = torch.device(args.device)
     except RuntimeError as exc:
@@ -190,6 +249,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
             print(message, file=sys.stderr, flush=True)
 
     log("loading inputs ...")
+    names = _load_class_names(args.class_names) if args.class_names else None
     if args.means is not None:
         means = torch.as_tensor(_load_array(args.means, args.means_key, "means"))
         samples = None
@@ -201,9 +261,11 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
             labels = _load_array(args.features, args.labels_key or "labels", "labels")
         else:
             raise CommandError("--labels is required unless --features is a .npz/.pt archive with a 'labels' entry")
+        labels, names, named = _class_ids(labels, names)
+        if named and args.num_classes is None:
+            args.num_classes = len(names)
         features = torch.as_tensor(features)
         samples = features.shape[0] if features.dim() else 0
-    names = _load_class_names(args.class_names) if args.class_names else None
     timings["load"] = time.perf_counter() - start
 
     tick = time.perf_counter()
@@ -242,13 +304,7 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
     )
     timings["clustering"] = time.perf_counter() - tick
 
-    tick = time.perf_counter()
-    h.save(args.output)
-    timings["save"] = time.perf_counter() - tick
-    if args.plot:
-        tick = time.perf_counter()
-        plot_hierarchy(h, args.plot, means.cpu(), metric=args.metric)
-        timings["plot"] = time.perf_counter() - tick
+    written = _write_outputs(h, args, timings, means.cpu())
     total = time.perf_counter() - start
 
     if verbose:
@@ -263,8 +319,58 @@ def _run_hierarchy(args: argparse.Namespace) -> int:
             print(line.strip())
         steps = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
         print(f"time: {steps}; total {total:.2f} s")
-        print(f"wrote {args.output}" + (f" and {args.plot}" if args.plot else ""))
+        print(f"wrote {' and '.join(written)}")
     return 0
+
+
+def _run_taxonomy(args: argparse.Namespace) -> int:
+    given = [flag for flag, value in (("--features", args.features), ("--labels", args.labels),
+                                      ("--means", args.means), ("--levels", args.levels)) if value is not None]
+    if given:
+        raise CommandError(f"--parents gives the levels itself: drop {', '.join(given)}")
+    from lmm_fast.hierarchy import Hierarchy
+
+    start = time.perf_counter()
+    if not os.path.exists(args.parents):
+        raise CommandError(f"taxonomy file {args.parents!r} does not exist")
+    classes = _load_class_names(args.class_names) if args.class_names else None
+    h = Hierarchy.from_parents(args.parents, classes=classes)
+    if args.num_classes is not None and args.num_classes != h.num_classes:
+        raise CommandError(f"--num-classes {args.num_classes} but the taxonomy has {h.num_classes} leaves")
+    timings = {"read": time.perf_counter() - start}
+    if args.plot:
+        raise CommandError("--plot needs class means (features); with --parents use --plot-tree")
+    written = _write_outputs(h, args, timings, None)
+    if not args.quiet:
+        depths = h.info["depths"]
+        print(f"{PROG} hierarchy: {h.num_classes} classes (the leaves of {args.parents}), deepest class at depth "
+              f"{h.info['deepest_class']}; upper levels = tree depths {depths}")
+        for line in h.summary().splitlines()[1:]:
+            print(line.strip())
+        steps = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in timings.items())
+        print(f"time: {steps}")
+        print(f"wrote {' and '.join(written)}")
+    return 0
+
+
+def _write_outputs(h: Any, args: argparse.Namespace, timings: dict[str, float], means: Any) -> list[str]:
+    from lmm_fast.hierarchy import plot_hierarchy, plot_tree
+
+    tick = time.perf_counter()
+    for path in args.output:
+        h.export(path)
+    timings["save"] = time.perf_counter() - tick
+    written = list(args.output)
+    if args.plot or args.plot_tree:
+        tick = time.perf_counter()
+        if args.plot:
+            plot_hierarchy(h, args.plot, means, metric=args.metric)
+            written.append(args.plot)
+        if args.plot_tree:
+            plot_tree(h, args.plot_tree)
+            written.append(args.plot_tree)
+        timings["plot"] = time.perf_counter() - tick
+    return written
 
 
 # ---------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 ``nn.CrossEntropyLoss``."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -237,7 +237,7 @@ class FusedLMMLoss(nn.Module):
 
     @classmethod
     def from_hierarchy(
-        cls, hierarchy: "Hierarchy", theta: Tensor | Sequence[float] | None = None, **kwargs
+        cls, hierarchy: "Hierarchy", theta: Tensor | Sequence[float] | None = None, **kwargs: Any
     ) -> "FusedLMMLoss":
         """Loss over ``hierarchy`` with its initial Ψ (``Ψ[t, y] = 1/C_t``) and θ
         (``None``: :func:`default_theta`)."""
@@ -343,7 +343,9 @@ class FusedLMMLoss(nn.Module):
         return mixture_proba(self.pack(logits), self.effective_psi_t(), self.theta, self.level_sizes)
 
     def extra_repr(self) -> str:
+        with torch.no_grad():
+            theta = ", ".join(f"{float(t):.4g}" for t in self.theta.detach().cpu())
         return (
-            f"level_sizes={self.level_sizes}, reduction={self.reduction!r}, "
+            f"level_sizes={self.level_sizes}, theta=[{theta}], reduction={self.reduction!r}, "
             f"ignore_index={self.ignore_index}, learn_theta={self.learn_theta}"
         )

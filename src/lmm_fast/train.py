@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from lmm_fast.adaptation.adapter import GibbsAdapter
+
+if TYPE_CHECKING:
+    from lmm_fast.hierarchy import Hierarchy
+    from lmm_fast.loss import FusedLMMLoss
 
 __all__ = ["SETTINGS", "FitHistory", "IndexedDataset", "fit_lmm"]
 
@@ -47,7 +51,7 @@ class IndexedDataset(Dataset):
     """Wraps a map-style dataset yielding ``(x, y)`` so that it yields
     ``(x, y, index)``, as :func:`fit_lmm` needs."""
 
-    def __init__(self, dataset) -> None:
+    def __init__(self, dataset: Dataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -95,9 +99,9 @@ def fit_lmm(
     optimizer: torch.optim.Optimizer,
     epochs: int,
     setting: str = "lmm_p_tc",
-    loss_fn=None,
+    loss_fn: FusedLMMLoss | None = None,
     warmup_epochs: int = 1,
-    hierarchy=None,
+    hierarchy: Hierarchy | None = None,
     train_targets: Tensor | None = None,
     adapter: GibbsAdapter | None = None,
     beta: float | Tensor = 1.0,

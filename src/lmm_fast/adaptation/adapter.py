@@ -20,12 +20,18 @@ of an image's class contiguously; :attr:`GibbsAdapter.counts` gives
 from __future__ import annotations
 
 import itertools
-from typing import Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
 from lmm_fast.ops import gibbs as gibbs_ops
+
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
+    from lmm_fast.hierarchy import Hierarchy
+    from lmm_fast.loss import FusedLMMLoss
 
 __all__ = ["GibbsAdapter", "PRIORS"]
 
@@ -97,8 +103,8 @@ class GibbsAdapter:
 
     def __init__(
         self,
-        loss_fn,
-        h,
+        loss_fn: FusedLMMLoss,
+        h: Hierarchy,
         train_targets: Tensor,
         beta: float | Tensor = 1.0,
         non_overlapping: bool = False,
@@ -106,7 +112,7 @@ class GibbsAdapter:
         *,
         prior: str = "per_class",
         distributed: bool | None = None,
-        process_group=None,
+        process_group: ProcessGroup | None = None,
     ) -> None:
         for attr in ("num_classes", "level_sizes", "assignments"):
             if not hasattr(h, attr):
@@ -321,7 +327,7 @@ class GibbsAdapter:
         return logits, target, indices
 
     @torch.no_grad()
-    def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
+    def step(self, logits: Tensor | Sequence[Tensor], target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         """Sample the group labels of a mini-batch, update Ω and the loss's Ψ.
 
         Args:

@@ -5,16 +5,21 @@ undoes it from the log of the step's own moves."""
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING, Any, Sequence
 
 import torch
 from torch import Tensor
 
 from lmm_fast.adaptation.adapter import GibbsAdapter
 
+if TYPE_CHECKING:
+    from lmm_fast.hierarchy import Hierarchy
+    from lmm_fast.loss import FusedLMMLoss
+
 __all__ = ["scaled_beta", "empty_groups", "GuardedGibbsAdapter"]
 
 
-def scaled_beta(train_targets: Tensor, h, strength: float = 0.1) -> Tensor:
+def scaled_beta(train_targets: Tensor, h: Hierarchy, strength: float = 0.1) -> Tensor:
     """β per class from the class counts: ``β_y = strength · Ξ_y / G``.
 
     ``Ξ_y`` is the number of training images of class ``y`` and ``G`` the
@@ -90,9 +95,9 @@ class GuardedGibbsAdapter(GibbsAdapter):
     (:func:`empty_groups`, ``O(N · ΣN_l)``, like one prediction pass).
     """
 
-    def __init__(self, loss_fn, h, train_targets: Tensor, beta: float | Tensor | str = "scaled",
+    def __init__(self, loss_fn: FusedLMMLoss, h: Hierarchy, train_targets: Tensor, beta: float | Tensor | str = "scaled",
                  non_overlapping: bool = False, seed: int = 0, *, beta_strength: float = 0.1,
-                 max_empty_share: float = 0.25, **kwargs) -> None:
+                 max_empty_share: float = 0.25, **kwargs: Any) -> None:
         if isinstance(beta, str):
             if beta != "scaled":
                 raise ValueError(f"beta must be a positive float, an [N] tensor or 'scaled', got {beta!r}")
@@ -111,7 +116,7 @@ class GuardedGibbsAdapter(GibbsAdapter):
         super()._after_moves(indices, target, old, new)
 
     @torch.no_grad()
-    def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
+    def step(self, logits: Tensor | Sequence[Tensor], target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         if self.max_empty_share >= 1.0:
             return super().step(logits, target, indices, exact=exact)
         # The first step (or one after something else wrote the loss's Ψ)

@@ -28,11 +28,11 @@ import sys
 import time
 from typing import Any, Sequence
 
-import torch
-
-from lmm_fast.compare.protocol import FULL, QUICK, SETTINGS, Protocol, accuracy_benchmark, setting_label
-from lmm_fast.compare.report import format_accuracy_tables, summarize, write_outputs
-from lmm_fast.compare.speed import SPEED_CLASSES, SPEED_UPPER_LEVELS, format_speed_table, speed_benchmark
+# Only what the options need: torch and the job are imported by run(), so
+# that `lmm-fast compare --help` answers at once.
+from lmm_fast._progress import progress_wanted
+from lmm_fast.compare.protocol import FULL, QUICK, SETTINGS, Protocol, setting_label
+from lmm_fast.compare.speed import SPEED_CLASSES, SPEED_UPPER_LEVELS
 
 
 # ---------------------------------------------------------------------------
@@ -44,6 +44,8 @@ def machine_description() -> dict[str, Any]:
     """CPU, cores, memory, GPU and versions, for the record of a run."""
     import datetime
     import platform
+
+    import torch
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -87,6 +89,8 @@ def _fit_threads_to_load() -> str:
     machine running other work, 2 threads were measured 4x slower than 1, for
     PyTorch's own ops and ours alike. Returns a note for the output, or "".
     """
+    import torch
+
     try:
         load = os.getloadavg()[0]
     except (AttributeError, OSError):
@@ -138,7 +142,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                             f"(quick: {QUICK.epochs} epochs, {len(QUICK.seeds)} seeds)")
     proto.add_argument("--seeds", type=int, metavar="S", help="number of seeds (0, 1, …, S-1)")
     proto.add_argument("--epochs", type=int, help="epochs per run, the warm-up included")
-    proto.add_argument("--warmup-epochs", type=int, help="epochs with Ψ fixed before the adaptation")
+    proto.add_argument("--warmup-epochs", type=int,
+                       help=f"epochs with Ψ fixed before the adaptation (default {QUICK.warmup_epochs}, "
+                            f"--full {FULL.warmup_epochs}; with --epochs E at most E-1, so that the adaptation "
+                            f"runs: --epochs 1 adapts from the first epoch)")
     proto.add_argument("--lr", type=float, help=f"Adam learning rate (default {QUICK.lr:g})")
     proto.add_argument("--batch-size", type=int, help=f"default {QUICK.batch_size}")
     proto.add_argument("--hidden", type=int, help=f"hidden units of the MLP (default {QUICK.hidden})")
@@ -165,7 +172,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                       help="folder for results.json, the CSV files and the PNG plots (default runs/compare)")
     what.add_argument("--no-plots", action="store_true", help="write no PNG")
     what.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    what.add_argument("--no-progress", action="store_true", help="no progress bars")
+    bars = what.add_mutually_exclusive_group()
+    bars.add_argument("--progress", action="store_true",
+                      help="progress bars even when stderr is not a terminal (default: only on a terminal)")
+    bars.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -180,6 +190,9 @@ def _protocol_from_args(args: argparse.Namespace) -> Protocol:
         value = getattr(args, name)
         if value is not None:
             changes[name] = value
+    if args.epochs is not None and args.warmup_epochs is None:
+        # The default warm-up fits: at least one epoch adapts (none fixed for --epochs 1).
+        changes["warmup_epochs"] = min(base.warmup_epochs, max(0, args.epochs - 1))
     if args.levels is not None:
         changes["level_sizes"] = tuple(args.levels)
     if args.settings is not None:
@@ -230,8 +243,15 @@ def _command_line(args: argparse.Namespace) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Runs ``lmm-fast compare`` with parsed ``args``; returns the exit code."""
-    # Bars only for a person watching, not into a log file (as the rest of the CLI).
-    progress = not args.no_progress and sys.stderr.isatty()
+    import torch
+
+    from lmm_fast.compare.protocol import accuracy_benchmark
+    from lmm_fast.compare.report import format_accuracy_tables, summarize, write_outputs
+    from lmm_fast.compare.speed import format_speed_table, speed_benchmark
+
+    # Bars only for a person watching, not into a log file (as the rest of the
+    # CLI), unless --progress asks for them.
+    progress = progress_wanted(True if getattr(args, "progress", False) else (False if args.no_progress else None))
     thread_note = ""
     if args.threads is not None:
         if args.threads < 1:

@@ -365,7 +365,7 @@ def embed_texts(
             pass  # a damaged cache file is recomputed and replaced
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model = _load_minilm(device)
-    from tqdm.auto import tqdm
+    from lmm_fast._progress import progress_bar
 
     # Sorting by length keeps the padding, and so the wasted work, small.
     order = np.argsort([len(t) for t in texts], kind="stable")
@@ -373,8 +373,8 @@ def embed_texts(
     dimension = getattr(model, "get_embedding_dimension", None) or model.get_sentence_embedding_dimension
     out = np.empty((len(texts), dimension()), dtype=np.float32)
     chunk = batch_size * 8
-    with tqdm(total=len(texts), desc="embedding texts (MiniLM, cached after)", unit="text",
-              disable=not progress, leave=False) as bar:
+    with progress_bar(total=len(texts), desc="embedding texts (MiniLM, cached after)", unit="text",
+                      disable=not progress, leave=False) as bar:
         for start in range(0, len(texts), chunk):
             rows = order[start : start + chunk]
             with torch.inference_mode():

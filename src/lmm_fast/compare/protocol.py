@@ -13,9 +13,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-import torch
-
-from lmm_fast.compare.runs import TOPK, confusion_hierarchy, evaluate, fit_run
+# No torch at import: `lmm-fast compare --help` shows QUICK and FULL without it.
 
 
 # ---------------------------------------------------------------------------
@@ -115,8 +113,10 @@ def accuracy_benchmark(
         the adapted settings, ``reassigned`` (classes moved per level) and
         ``reassigned_classes``.
     """
-    from tqdm.auto import tqdm
+    import torch
 
+    from lmm_fast._progress import progress_bar
+    from lmm_fast.compare.runs import TOPK, confusion_hierarchy, evaluate, fit_run
     from lmm_fast.hierarchy import Hierarchy
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -154,7 +154,8 @@ def accuracy_benchmark(
         # Curriculum, learned θ, gated θ, guarded w/P,TC, two calibration runs
         # (the few-shot runs are not counted: they are short).
         runs_total += 6 * len(protocol.seeds)
-    bar = tqdm(total=runs_total * protocol.epochs, desc="training", unit="epoch", disable=not progress, leave=False)
+    bar = progress_bar(total=runs_total * protocol.epochs, desc="training", unit="epoch", disable=not progress,
+                       leave=False)
 
     def on_epoch(epoch: int, loss: float) -> None:
         bar.update(1)

@@ -12,7 +12,8 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.compare.protocol import SETTING_LABELS, SETTINGS, TABLE_I, TABLE_IV, TOPK, setting_label
+from lmm_fast.compare.protocol import SETTING_LABELS, SETTINGS, TABLE_I, TABLE_IV, setting_label
+from lmm_fast.compare.runs import TOPK
 
 
 # ---------------------------------------------------------------------------
@@ -81,16 +82,28 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _pct(stat: dict[str, Any], digits: int = 2) -> str:
+def _pct(stat: dict[str, Any], digits: int = 2, sign: str = "") -> str:
+    """``mean ± std`` in percent; the value alone from one seed (no spread to show)."""
     if stat["n"] == 0:
         return "-"
-    return f"{100 * stat['mean']:.{digits}f} ± {100 * stat['std']:.{digits}f}"
+    if stat["n"] < 2:
+        return f"{100 * stat['mean']:{sign}.{digits}f}"
+    return f"{100 * stat['mean']:{sign}.{digits}f} ± {100 * stat['std']:.{digits}f}"
 
 
 def _num(stat: dict[str, Any], digits: int = 2) -> str:
     if stat["n"] == 0:
         return "-"
+    if stat["n"] < 2:
+        return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+
+
+def spread_note(seeds: int) -> str:
+    """How the cells read: ``mean ± std over S seeds``, or single values for one seed."""
+    if seeds < 2:
+        return "1 seed: single values, no spread (mean ± std and the verdicts need --seeds 2 or more)"
+    return f"mean ± std over {seeds} seeds"
 
 
 def format_accuracy_tables(summary: dict[str, Any], task_line: str, seeds: int) -> str:
@@ -108,16 +121,21 @@ def format_accuracy_tables(summary: dict[str, Any], task_line: str, seeds: int) 
         for setting in present:
             entry = summary[setting]
             delta = entry.get("delta_top1_vs_flat")
-            delta_text = "" if delta is None else f"{100 * delta['mean']:+.2f} ± {100 * delta['std']:.2f}"
+            delta_text = "" if delta is None else _pct(delta, sign="+")
             lines.append(
                 f"{entry['label']:<30}" + "".join(f"{_pct(entry[f'top{k}_error']):>18}" for k in TOPK) + f"{delta_text:>24}"
             )
         lines.append("")
 
-    lines.append(f"{task_line}; mean ± std over {seeds} seed(s); Δ = paired difference to the flat run of the same seed")
+    lines.append(f"{task_line}; {spread_note(seeds)}; Δ = paired difference to the flat run of the same seed")
     lines.append("")
-    error_table("Table I shape: flat softmax vs LMM (test error, %)", TABLE_I)
-    error_table("Table IV shape: flat softmax vs one-level and two-level LMM (test error, %)", TABLE_IV)
+    # A table is printed when one of its LMM settings ran (the flat row alone:
+    # Table I), so that --settings without Table IV's prints no empty Table IV.
+    table_iv = any(s in summary for s in TABLE_IV if s != "flat")
+    if any(s in summary for s in TABLE_I if s != "flat") or not table_iv:
+        error_table("Table I shape: flat softmax vs LMM (test error, %)", TABLE_I)
+    if table_iv:
+        error_table("Table IV shape: flat softmax vs one-level and two-level LMM (test error, %)", TABLE_IV)
     present = [s for s in SETTINGS if s in summary]
     head = (
         f"{'method':<30}{'improved/unchanged/worse %':>28}{'confidence %':>16}{'ECE %':>14}"

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-import torch.nn.functional as F
+if TYPE_CHECKING:
+    import torch
 
-from lmm_fast.profiling import measure_time, peak_extra_bytes
-
+# No torch at import: `lmm-fast compare --help` shows these defaults without it.
 SPEED_CLASSES = (1_000, 10_000, 100_000)
 SPEED_UPPER_LEVELS = (10, 100)
 
@@ -32,6 +31,9 @@ class SpeedCase:
 
 
 def _loss_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.Generator) -> SpeedCase:
+    import torch
+    import torch.nn.functional as F
+
     from lmm_fast.loss import FusedLMMLoss, default_theta
     from lmm_fast.reference.loss import lmm_loss_unfused
     from lmm_fast.testing import tree_psi
@@ -60,6 +62,8 @@ def _loss_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.G
 
 
 def _predict_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.Generator, k: int = 5) -> SpeedCase:
+    import torch
+
     from lmm_fast.loss import FusedLMMLoss, default_theta
     from lmm_fast.predict import predict_topk
     from lmm_fast.reference.loss import predict_proba_reference
@@ -88,6 +92,8 @@ def _predict_case(batch: int, level_sizes: Sequence[int], device: str, gen: torc
 
 
 def _adapt_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.Generator) -> SpeedCase:
+    import torch
+
     from lmm_fast.adaptation import GibbsAdapter
     from lmm_fast.hierarchy import Hierarchy
     from lmm_fast.loss import FusedLMMLoss
@@ -161,14 +167,17 @@ def speed_benchmark(
         one dict per (device, N, op, implementation) with ``median_ms``,
         ``times_ms``, ``peak_mib`` and ``ratio_to_ours`` (its median over ours).
     """
-    from tqdm.auto import tqdm
+    import torch
+
+    from lmm_fast._progress import progress_bar
+    from lmm_fast.profiling import measure_time, peak_extra_bytes
 
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     builders: tuple[Callable[..., SpeedCase], ...] = (_loss_case, _predict_case, _adapt_case)
     rows: list[dict[str, Any]] = []
     jobs = [(d, n, b) for d in devices for n in class_counts for b in builders]
-    with tqdm(jobs, desc="speed and memory", unit="case", disable=not progress, leave=False) as bar:
+    with progress_bar(jobs, desc="speed and memory", unit="case", disable=not progress, leave=False) as bar:
         for device, n, build in bar:
             rows_per_call = batch[torch.device(device).type] if isinstance(batch, dict) else batch
             sizes = [s for s in SPEED_UPPER_LEVELS if s < n] + [n]

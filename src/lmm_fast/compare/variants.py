@@ -333,19 +333,21 @@ def format_remedy_tables(summary: dict[str, Any], labels: dict[str, str], order:
     lines = []
     present = [s for s in order if s in summary]
     head = f"{'method':<30}" + "".join(f"{title:>16}" for _, title in _VIEW_METRICS) + f"{'confidence %':>16}"
-    lines.append(f"Views where hierarchy should help (mean ± std over {seeds} seeds; tail = the "
+    spread = "1 seed: single values, no spread" if seeds < 2 else f"mean ± std over {seeds} seeds"
+    lines.append(f"Views where hierarchy should help ({spread}; tail = the "
                  f"{int(100 * TAIL_SHARE)}% of classes with the fewest training rows; severity = mean tree "
                  f"distance over the mistakes, dist@k = over all rows (correct = 0) of the top-k; * = calibrated "
                  f"on {int(100 * CALIBRATION_FRACTION)}% of the training split held out, trained on the rest)")
     lines.append(head)
     lines.append("-" * len(head))
 
-    def cell(stat, key):
+    def cell(stat, key, sign=""):
+        # One seed has no spread: the value alone, not a fake "± 0.00".
         if stat["n"] == 0:
             return "-"
-        if key in ("severity", "hdist1", "hdist5"):
-            return f"{stat['mean']:.3f} ± {stat['std']:.3f}"
-        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+        scale, digits = (1, 3) if key in ("severity", "hdist1", "hdist5") else (100, 2)
+        text = f"{scale * stat['mean']:{sign}.{digits}f}"
+        return text if stat["n"] < 2 else f"{text} ± {scale * stat['std']:.{digits}f}"
 
     for s in present:
         e = summary[s]
@@ -362,18 +364,18 @@ def format_remedy_tables(summary: dict[str, Any], labels: dict[str, str], order:
     def dcell(stat, key, won):
         if stat["n"] == 0:
             return "-"
-        mark = "*" if won else " "
-        if key in ("severity", "hdist1", "hdist5"):
-            return f"{stat['mean']:+.3f} ± {stat['std']:.3f}{mark}"
-        return f"{100 * stat['mean']:+.2f} ± {100 * stat['std']:.2f}{mark}"
+        return cell(stat, key, "+") + ("*" if won else " ")
 
     for s in present:
         e = summary[s]
         if "wins" not in e:
             continue
         wins = ", ".join(_SHORT[k] for k in e["wins"])
-        verdict = f"BEATS flat on {wins}" if e["beats"] else (
-            f"wins {wins} but loses top-1" if wins else "no win")
+        if e["delta_top1"]["n"] < 2:
+            verdict = "needs >= 2 seeds (--seeds)"
+        else:
+            verdict = f"BEATS flat on {wins}" if e["beats"] else (
+                f"wins {wins} but loses top-1" if wins else "no win")
         lines.append(f"{labels[s]:<30}" + "".join(f"{dcell(e[f'delta_{k}'], k, k in e['wins']):>18}"
                                                   for k, _ in _VIEW_METRICS) + f"  {verdict}")
     return "\n".join(lines)

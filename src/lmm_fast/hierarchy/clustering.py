@@ -417,7 +417,11 @@ def _tqdm_class():
             def close(self):
                 pass
 
-    return tqdm
+    import functools
+
+    from lmm_fast._progress import bar_size
+
+    return functools.partial(tqdm, **bar_size())  # bars also on a terminal that reports no size
 
 
 # ---------------------------------------------------------------------------

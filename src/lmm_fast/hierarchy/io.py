@@ -8,6 +8,7 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from lmm_fast.hierarchy.checks import check_assignment, check_class_names, check_level_sizes, nesting_violation
+from lmm_fast.hierarchy.taxonomy import check_group_names
 
 FORMAT_NAME = "lmm_fast.hierarchy"
 FORMAT_VERSION = 1
@@ -101,7 +102,12 @@ def parse_hierarchy(data: Any, source: str) -> dict[str, Any]:
     info = data.get("info") or {}
     if not isinstance(info, Mapping):
         raise fail(f"info must be an object, got {type(info).__name__}")
-    return dict(assignments=levels, level_sizes=sizes, nested=nested, psi=psi, class_names=names, sigma=sigma, info=info)
+    try:
+        group_names = check_group_names(data.get("group_names"), sizes)
+    except (ValueError, TypeError) as exc:
+        raise fail(str(exc)) from None
+    return dict(assignments=levels, level_sizes=sizes, nested=nested, psi=psi, class_names=names, sigma=sigma, info=info,
+                group_names=group_names)
 
 
 def parse_psi(psi_data: Any, sizes: Sequence[int], n: int, fail) -> list[torch.Tensor]:

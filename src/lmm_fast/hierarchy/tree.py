@@ -10,7 +10,13 @@ the bottom level (the classes themselves) is implicit. It is built from
   rows of a trained classifier's weight matrix),
 * a confusion matrix (:meth:`Hierarchy.from_confusion`: one upper level of
   ``N`` groups with a dense Ψ, the paper's one-level LMM),
-* a user's own tree (:meth:`Hierarchy.from_assignments`).
+* a user's own tree: its levels (:meth:`Hierarchy.from_assignments`, group
+  ids or names per class) or its edges (:meth:`Hierarchy.from_parents`, a
+  taxonomy of any depth, see :mod:`lmm_fast.hierarchy.taxonomy`).
+
+:meth:`Hierarchy.to_newick`, :meth:`Hierarchy.to_dot` and
+:meth:`Hierarchy.export` write a tree for other tools
+(:mod:`lmm_fast.hierarchy.formats`).
 
 Clustering methods (keyword ``method=``):
 
@@ -51,6 +57,7 @@ from lmm_fast.hierarchy.checks import (ArrayLike, as_float_matrix, as_index_vect
 from lmm_fast.hierarchy.clustering import DEFAULT_BALANCE, balanced_partition, canonical_ids, dendrogram_partition
 from lmm_fast.hierarchy.io import FORMAT_NAME, FORMAT_VERSION, parse_hierarchy
 from lmm_fast.hierarchy.similarity import METRICS, class_means, prepare_points, self_tuning_sigma
+from lmm_fast.hierarchy.taxonomy import encode_names, taxonomy_levels
 
 
 
@@ -66,7 +73,8 @@ class Hierarchy:
     """The upper levels of a visual hierarchy over N classes.
 
     Build one with :meth:`from_features`, :meth:`from_class_means`,
-    :meth:`from_confusion`, :meth:`from_assignments` or :meth:`load`.
+    :meth:`from_confusion`, :meth:`from_assignments`, :meth:`from_parents` or
+    :meth:`load`.
 
     Levels are ordered top (coarsest) first; the bottom level (N singleton
     groups, Ψ = identity) is implicit. Three kinds exist:
@@ -90,7 +98,8 @@ class Hierarchy:
         class_names: Sequence[str] | None = None,
         sigma: float | None = None,
         info: Mapping[str, Any] | None = None,
-    ):
+        group_names: Sequence[Sequence[str]] | None = None,
+    ) -> None:
         """Low-level constructor for already validated parts; prefer the from_* builders."""
         self._assignments = [a.detach().to("cpu", torch.int64).contiguous() for a in assignments]
         self._level_sizes = [int(k) for k in level_sizes]
@@ -99,6 +108,7 @@ class Hierarchy:
         self._class_names = None if class_names is None else list(class_names)
         self._sigma = None if sigma is None else float(sigma)
         self._info = dict(info or {})
+        self._group_names = None if group_names is None else [list(names) for names in group_names]
 
     # -- builders -----------------------------------------------------------
 
@@ -261,11 +271,13 @@ class Hierarchy:
         """A user's own tree, e.g. a semantic taxonomy.
 
         Args:
-            assignments: one integer [N] array per upper level, top first: the
-                group id of every class. Ids must be ``0..N_l-1``, all used
-                (or any integers with ``relabel=True``, renumbered in sorted
-                order). The number of groups must strictly increase down the
-                levels and stay below N.
+            assignments: one [N] array or list per upper level, top first: the
+                group of every class, as integer ids or as names (strings).
+                Ids must be ``0..N_l-1``, all used (or any integers with
+                ``relabel=True``, renumbered in sorted order); names are
+                numbered in sorted order and kept as :attr:`group_names`. The
+                number of groups must strictly increase down the levels and
+                stay below N.
             nested: by default every group must lie inside one group of the level
                 above (a ValueError names the first offending group). Pass
                 ``nested=False`` for levels that are independent partitions; Ψ
@@ -279,7 +291,11 @@ class Hierarchy:
                 "assignments must be a list with one [N] array per upper level, "
                 "got a single array (wrap it in a list)"
             )
-        levels = [as_index_vector(a, f"assignments[{i}]").cpu() for i, a in enumerate(assignments)]
+        named = [encode_names(a, f"assignments[{i}]") for i, a in enumerate(assignments)]
+        levels = [
+            named[i][0] if named[i] is not None else as_index_vector(a, f"assignments[{i}]").cpu()
+            for i, a in enumerate(assignments)
+        ]
         if not levels:
             raise ValueError("assignments must contain at least one upper level")
         n = levels[0].numel()
@@ -308,7 +324,42 @@ class Hierarchy:
                         f"(pass nested=False to allow non-nested levels)"
                     )
         names = check_class_names(class_names, n)
-        return cls(levels, sizes, nested=nested, class_names=names, info={"source": "assignments"})
+        group_names = None
+        if any(entry is not None for entry in named):
+            # Integer levels beside named ones are named by their ids.
+            group_names = [entry[1] if entry is not None else [str(g) for g in range(k)] for entry, k in zip(named, sizes)]
+        return cls(levels, sizes, nested=nested, class_names=names, info={"source": "assignments"},
+                   group_names=group_names)
+
+    @classmethod
+    def from_parents(cls, edges: Any, *, classes: Sequence[Any] | None = None) -> "Hierarchy":
+        """A taxonomy of any depth from its parent → child edges; the leaves are the classes.
+
+        Upper level k is depth k of the tree (the root's children: level 1). A
+        class shallower than the deepest one keeps its parent's group at the
+        levels below its own depth (the parent padded with single-child
+        nodes); levels that refine nothing are dropped. See
+        :mod:`lmm_fast.hierarchy.taxonomy` and docs/hierarchy.md.
+
+        Args:
+            edges: a CSV/TSV path (``parent,child`` rows, an optional header),
+                a dict ``child -> parent``, or an iterable of ``(parent, child)``
+                pairs; ids are strings or integers, ``None``/``""`` as the
+                parent marks a top-level node.
+            classes: the leaves in class-index order (label ``i`` is
+                ``classes[i]``); default: the order of first appearance.
+
+        Returns:
+            a tree with ``class_names`` (the leaf ids as text), ``group_names``
+            and ``info["depths"]`` (the tree depth of every level).
+
+        Raises:
+            ValueError naming the edge or entry: cycles, two parents, repeated
+            edges, unknown/repeated/non-leaf classes, missing leaves, ids
+            ``1`` and ``"1"`` both used, fewer than 2 classes, no upper level.
+        """
+        parts = taxonomy_levels(edges, classes)
+        return cls(parts.pop("assignments"), parts.pop("level_sizes"), **parts)
 
     # -- basic properties ---------------------------------------------------
 
@@ -350,6 +401,11 @@ class Hierarchy:
     @property
     def class_names(self) -> list[str] | None:
         return None if self._class_names is None else list(self._class_names)
+
+    @property
+    def group_names(self) -> list[list[str]] | None:
+        """Per upper level, the name of every group (from_parents, named from_assignments), or None."""
+        return None if self._group_names is None else [list(names) for names in self._group_names]
 
     @property
     def sigma(self) -> float | None:
@@ -517,6 +573,8 @@ class Hierarchy:
             "info": dict(self._info),
             "psi": None,
         }
+        if self._group_names is not None:
+            data["group_names"] = [list(names) for names in self._group_names]
         if self._psi is not None:
             entries = []
             for p in self._psi:
@@ -560,6 +618,25 @@ class Hierarchy:
         finally:
             if os.path.exists(tmp):
                 os.remove(tmp)
+
+    def to_newick(self, *, collapse: bool = True, branch_lengths: bool = True) -> str:
+        """The tree as a Newick string (:func:`lmm_fast.hierarchy.formats.to_newick`)."""
+        from lmm_fast.hierarchy.formats import to_newick
+
+        return to_newick(self, collapse=collapse, branch_lengths=branch_lengths)
+
+    def to_dot(self, *, collapse: bool = True, rankdir: str = "TB") -> str:
+        """The tree as Graphviz DOT (:func:`lmm_fast.hierarchy.formats.to_dot`)."""
+        from lmm_fast.hierarchy.formats import to_dot
+
+        return to_dot(self, collapse=collapse, rankdir=rankdir)
+
+    def export(self, path: str | os.PathLike, **options: Any) -> str:
+        """Writes JSON, Newick or DOT by the extension of ``path`` (ValueError for
+        another); returns the format. See :func:`lmm_fast.hierarchy.formats.export`."""
+        from lmm_fast.hierarchy.formats import export
+
+        return export(self, path, **options)
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Hierarchy":
