@@ -14,7 +14,7 @@ from lmm_fast.loss import FusedLMMLoss, default_theta
 from lmm_fast.hierarchy import Hierarchy
 from lmm_fast.head import LMMHead
 from lmm_fast import metrics, predict
-from lmm_fast.predict import predict_topk
+from lmm_fast.predict import predict_topk, prepare_for_inference
 from lmm_fast import calibration, theta
 from lmm_fast.adaptation import GibbsAdapter, GuardedGibbsAdapter
 from lmm_fast import adaptation, train
@@ -39,6 +39,7 @@ __all__ = [
     "metrics",
     "predict",
     "predict_topk",
+    "prepare_for_inference",
     "GuardedGibbsAdapter",
     "adaptation",
     "calibration",

@@ -110,6 +110,7 @@ class GuardedGibbsAdapter(GibbsAdapter):
             self._moves.append((indices.clone(), target.clone(), old.clone(), new.clone()))
         super()._after_moves(indices, target, old, new)
 
+    @torch.compiler.disable(reason="GuardedGibbsAdapter.step runs eagerly, like GibbsAdapter.step")
     @torch.no_grad()
     def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         if self.max_empty_share >= 1.0:
@@ -140,4 +141,8 @@ class GuardedGibbsAdapter(GibbsAdapter):
             self._psi_synced = False
             self._owner = self._numerator = self._kept = self._nonzero = self._bound = None
         self.refused_steps += 1
-        return self.labels[torch.as_tensor(indices, device=self.device).long()].clone()
+        # the batch's restored labels; -1 stays on the rows the step skipped
+        restored = new.clone()
+        sampled = (new >= 0).all(dim=1)
+        restored[sampled] = self.labels[torch.as_tensor(indices, device=self.device).long()[sampled]]
+        return restored
