@@ -18,6 +18,7 @@ from lmm_fast.predict import predict_topk, prepare_for_inference
 from lmm_fast import calibration, theta
 from lmm_fast.adaptation import GibbsAdapter, GuardedGibbsAdapter
 from lmm_fast import adaptation, train
+from lmm_fast.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 __version__ = "0.1.0"
 
@@ -40,6 +41,9 @@ __all__ = [
     "predict",
     "predict_topk",
     "prepare_for_inference",
+    "save_checkpoint",
+    "load_checkpoint",
+    "Checkpoint",
     "GuardedGibbsAdapter",
     "adaptation",
     "calibration",
