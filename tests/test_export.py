@@ -4,6 +4,10 @@ ONNX export (run in plain onnxruntime) of ``FusedLMMLoss.predict_proba``,
 (full and coarse-to-fine), checked against eager; the prepared structure they
 read; ``GibbsAdapter.step`` as a deliberate graph break in a compiled training
 step."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -44,13 +48,11 @@ class Classifier(nn.Module):
     def forward(self, x):
         features = self.backbone(x)
         logits = self.head(features)
-        values, classes = lmm_fast.predict_topk(logits, self.loss_fn, k=4)
-        out = [self.loss_fn.predict_proba(logits), values, classes, self.head.predict_proba(features, self.loss_fn)]
-        head_values, head_classes = self.head.predict_topk(features, 4, loss_fn=self.loss_fn)
-        out += [head_values, head_classes]
+        out = (self.loss_fn.predict_proba(logits), lmm_fast.predict_topk(logits, self.loss_fn, k=4),
+               self.head.predict_proba(features, self.loss_fn), self.head.predict_topk(features, 4, loss_fn=self.loss_fn))
         if self.beam:
-            out += list(self.head.predict_topk(features, 4, beam=2, loss_fn=self.loss_fn))
-        return tuple(out)
+            out += (self.head.predict_topk(features, 4, beam=2, loss_fn=self.loss_fn),)
+        return out  # nested as the calls return them (a saved program keeps that structure)
 
 
 def model_and_input(kind: str, batch: int = 6):
@@ -60,7 +62,12 @@ def model_and_input(kind: str, batch: int = 6):
     return model, x
 
 
+def flat(outputs):
+    return [leaf for item in outputs for leaf in (item if isinstance(item, (tuple, list)) else (item,))]
+
+
 def assert_same_outputs(got, expected):
+    got, expected = flat(got), flat(expected)
     assert len(got) == len(expected)
     for a, b in zip(got, expected):
         a = torch.as_tensor(a)
@@ -210,6 +217,27 @@ def test_torch_export_matches_eager_and_holds_standard_ops_only(kind):
     other = torch.randn(11, 5, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert_same_outputs(program.module()(other), model(other))
+
+
+def test_a_saved_exported_program_runs_where_lmm_fast_cannot_be_imported(tmp_path):
+    model, x = model_and_input("tree")
+    lmm_fast.prepare_for_inference(model)
+    program = torch.export.export(model, (x,), dynamic_shapes=batch_dim())
+    torch.export.save(program, str(tmp_path / "classifier.pt2"))
+    other = torch.randn(7, 5, generator=torch.Generator().manual_seed(2))
+    torch.save(other, tmp_path / "x.pt")
+    code = (
+        "import sys; sys.modules['lmm_fast'] = None\n"  # any import of lmm_fast now fails
+        "import torch\n"
+        f"program = torch.export.load({str(tmp_path / 'classifier.pt2')!r})\n"
+        f"out = program.module()(torch.load({str(tmp_path / 'x.pt')!r}))\n"
+        f"torch.save([list(o) if isinstance(o, tuple) else o for o in out], {str(tmp_path / 'out.pt')!r})\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    with torch.no_grad():
+        assert_same_outputs(torch.load(tmp_path / "out.pt"), model(other))
 
 
 @pytest.mark.parametrize("kind", ["tree", "dense"])

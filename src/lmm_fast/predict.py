@@ -509,7 +509,8 @@ def prepared_topk(
     acc = accumulate_dtype(logits.dtype)
     if structure.kind == "tree":
         return lmm_topk_tree(logits, structure.index, structure.value.to(acc), theta, structure.level_sizes, k)
-    return torch.topk(prepared_proba(logits, structure, theta, psi_t), k, dim=1)
+    values, indices = torch.topk(prepared_proba(logits, structure, theta, psi_t), k, dim=1)
+    return values, indices  # a plain tuple, as the tree op's
 
 
 def predict_topk(

@@ -168,7 +168,10 @@ def topk_tree_decomposed(
     """:func:`lmm_topk_tree` in standard ops (the full ``[B, N]`` mixture, then
     ``torch.topk``)."""
     proba = predict_proba_tree_decomposed(logits, group_index, group_value, theta, level_sizes)
-    return torch.topk(proba, int(k), dim=1)
+    # a plain tuple, as the op returns (torch.export.save cannot serialise
+    # torch.return_types.topk outputs)
+    values, indices = torch.topk(proba, int(k), dim=1)
+    return values, indices
 
 
 def gather_scores_decomposed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
