@@ -314,9 +314,22 @@ def test_adapter_step_is_one_deliberate_graph_break_and_the_loss_compiles_fullgr
         return loss
 
     explanation = torch._dynamo.explain(step)(x, target, indices)
-    # the head and the loss compile as one graph; the step is not traced at all
-    assert explanation.graph_count == 1
-    assert any("GibbsAdapter.step runs eagerly" in str(reason.reason) for reason in explanation.break_reasons)
+    # the head and the loss compile as one graph, then one break: the step is
+    # not traced (traced, its host-side reads would break it up a dozen times)
+    assert explanation.graph_count == 1 and len(explanation.break_reasons) == 1
+    assert "torch.compiler.disable" in str(explanation.break_reasons[0].reason)
+    # ... and it did run (eagerly): labels moved
+    assert not torch.equal(adapter.labels, GibbsAdapter(loss_fn, h, train_targets, non_overlapping=True).labels)
+
+    # `import lmm_fast` and eager steps do not load torch._dynamo for this
+    code = ("import sys, torch, lmm_fast\n"
+            "h = lmm_fast.Hierarchy.from_assignments([torch.arange(6) % 2, torch.arange(6) % 4])\n"
+            "loss_fn = lmm_fast.FusedLMMLoss.from_hierarchy(h)\n"
+            "y = torch.arange(6)\n"
+            "lmm_fast.GibbsAdapter(loss_fn, h, y).step(torch.randn(6, 12), y, torch.arange(6))\n"
+            "assert 'torch._dynamo' not in sys.modules, 'dynamo was imported'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
 
     # the loss part alone compiles as one graph, forward and backward
     loss_part = torch.compile(lambda features, y: loss_fn(head(features), y), fullgraph=True, backend="aot_eager")

@@ -19,18 +19,36 @@ of an image's class contiguously; :attr:`GibbsAdapter.counts` gives
 """
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
 from lmm_fast.ops import gibbs as gibbs_ops
 
-__all__ = ["GibbsAdapter", "PRIORS"]
+__all__ = ["GibbsAdapter", "PRIORS", "run_eagerly"]
 
 PRIORS = ("per_class", "total")
 _STATE_VERSION = 1
+
+
+def run_eagerly(fn: Callable) -> Callable:
+    """Keeps ``fn`` out of ``torch.compile`` graphs: called from compiled code
+    it is one graph break and runs eagerly (``torch.compiler.disable``).
+
+    Unlike decorating with ``torch.compiler.disable`` directly, this does not
+    import ``torch._dynamo`` (seconds) when lmm_fast is imported or ``fn`` is
+    called eagerly; only compiled code, which has loaded it, reaches it."""
+
+    @functools.wraps(fn)
+    def eager_only(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return eager_only
 
 
 def _as_index_tensor(value: Any, name: str) -> Tensor:
@@ -357,7 +375,7 @@ class GibbsAdapter:
     # The step reads batch values on the host (its checks, the moves, which
     # groups' Ψ to rewrite), so it always runs eagerly: under torch.compile it
     # is one deliberate graph break and the rest of a training step compiles.
-    @torch.compiler.disable(reason="GibbsAdapter.step runs eagerly (host-side checks and sparse Ψ updates)")
+    @run_eagerly
     @torch.no_grad()
     def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         """Sample the group labels of a mini-batch, update Ω and the loss's Ψ.

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor
 
-from lmm_fast.adaptation.adapter import GibbsAdapter
+from lmm_fast.adaptation.adapter import GibbsAdapter, run_eagerly
 
 __all__ = ["scaled_beta", "empty_groups", "GuardedGibbsAdapter"]
 
@@ -110,7 +110,7 @@ class GuardedGibbsAdapter(GibbsAdapter):
             self._moves.append((indices.clone(), target.clone(), old.clone(), new.clone()))
         super()._after_moves(indices, target, old, new)
 
-    @torch.compiler.disable(reason="GuardedGibbsAdapter.step runs eagerly, like GibbsAdapter.step")
+    @run_eagerly  # as GibbsAdapter.step: one graph break under torch.compile
     @torch.no_grad()
     def step(self, logits, target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         if self.max_empty_share >= 1.0:
