@@ -179,6 +179,13 @@ def test_the_prepared_structure_follows_psi_and_stays_out_of_state_dict():
     loss_fn.prepare_for_inference()
     torch.testing.assert_close(compiled(logits), predict_proba_reference(logits, permuted, loss_fn.theta))
     assert len(compiles) == 1
+    # a change of kind (tree -> dense) is a recompile, on the GEMM kernel
+    loss_fn.set_psi(dense)
+    loss_fn.prepare_for_inference()
+    torch.testing.assert_close(compiled(logits), predict_proba_reference(logits, dense, loss_fn.theta))
+    assert len(compiles) == 2
+    loss_fn.set_psi(permuted)
+    loss_fn.prepare_for_inference()
 
     # .to() moves it with the loss (float64 values for float64 Ψ).
     moved = loss_fn.to(torch.float64)
