@@ -184,8 +184,13 @@ def test_the_prepared_structure_follows_psi_and_stays_out_of_state_dict():
     loss_fn.prepare_for_inference()
     torch.testing.assert_close(compiled(logits), predict_proba_reference(logits, dense, loss_fn.theta))
     assert len(compiles) == 2
+    # once prepared in full, an eager refresh keeps the coarse-to-fine tables
     loss_fn.set_psi(permuted)
-    loss_fn.prepare_for_inference()
+    loss_fn.predict_proba(logits)
+    fresh = lmm_fast.predict.PredictionStructure.from_psi_t(loss_fn.psi_t, loss_fn.level_sizes)
+    fresh.prepare_search()
+    assert loss_fn.prediction.kind == "tree" and loss_fn.prediction.search_ready
+    assert torch.equal(loss_fn.prediction.search().members, fresh.search().members)
 
     # .to() moves it with the loss (float64 values for float64 Ψ).
     moved = loss_fn.to(torch.float64)

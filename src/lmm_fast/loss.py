@@ -245,9 +245,11 @@ class FusedLMMLoss(nn.Module):
 
         key = self._psi_source_key()
         fresh = PredictionStructure.from_psi_t(self.effective_psi_t(), self.level_sizes, source=key)
-        if search:
-            fresh.prepare_search()
         current = getattr(self, "prediction", None)
+        # once prepared in full, an eager refresh keeps it so (coarse-to-fine
+        # tables included), ready for traced prediction
+        if search or (current is not None and current.search_ready):
+            fresh.prepare_search()
         if current is None:
             self.prediction = fresh
         else:

@@ -401,12 +401,14 @@ class PredictionStructure(nn.Module):
             self.kind = other.kind
             self.level_sizes = list(other.level_sizes)
             self.source = other.source
-            for name in ("index", "value", "psi_t", "theta"):
+            for name in ("index", "value", "psi_t", "theta", "members"):
                 _assign_buffer(self, name, getattr(other, name))
-            self.search_ready = False
-            self.search_error = None
-            if other.search_ready:
-                self.prepare_search()
+            for level in range(max(other.num_children, self.num_children)):
+                tensor = getattr(other, f"children_{level}") if level < other.num_children else None
+                _assign_buffer(self, f"children_{level}", tensor)
+            self.num_children = other.num_children
+            self.search_ready = other.search_ready
+            self.search_error = other.search_error
 
     def extra_repr(self) -> str:
         search = "ready" if self.search_ready and self.search_error is None else (
