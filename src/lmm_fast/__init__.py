@@ -38,6 +38,10 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "adaptation": ("lmm_fast.adaptation", None),
     "train": ("lmm_fast.train", None),
     "decide": ("lmm_fast.decide", None),
+    "prepare_for_inference": ("lmm_fast.predict", "prepare_for_inference"),
+    "save_checkpoint": ("lmm_fast.checkpoint", "save_checkpoint"),
+    "load_checkpoint": ("lmm_fast.checkpoint", "load_checkpoint"),
+    "Checkpoint": ("lmm_fast.checkpoint", "Checkpoint"),
 }
 
 if TYPE_CHECKING:
@@ -47,7 +51,8 @@ if TYPE_CHECKING:
     from lmm_fast.hierarchy import Hierarchy
     from lmm_fast.loss import FusedLMMLoss, default_theta
     from lmm_fast.ops import has_cuda_kernels
-    from lmm_fast.predict import predict_topk
+    from lmm_fast.predict import predict_topk, prepare_for_inference
+    from lmm_fast.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 
 __all__ = [*_EXPORTS, "build_info"]
 

@@ -3,7 +3,6 @@ prediction from features (full, or coarse-to-fine along the tree)."""
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -11,8 +10,8 @@ from torch import Tensor, nn
 
 from lmm_fast.ops import accumulate_dtype
 from lmm_fast.loss import default_theta
-from lmm_fast.ops.predict import lmm_gather_scores, lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
-from lmm_fast.predict import TreeIndex, tree_index, tree_index_from_assignments
+from lmm_fast.ops.predict import lmm_gather_scores
+from lmm_fast.predict import NOT_PREPARED, PredictionStructure, SearchTables, is_tracing, prepared_proba, prepared_topk
 
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy
@@ -78,7 +77,6 @@ class LMMHead(nn.Module):
             self.linear.weight.normal_(0.0, float(init_std))
             if self.linear.bias is not None:
                 self.linear.bias.zero_()
-        self._defaults: dict[Any, Any] = {}
 
     # ------------------------------------------------------------------ layout
     @property
@@ -160,20 +158,49 @@ class LMMHead(nn.Module):
         return head
 
     # --------------------------------------------------------------- mixture
+    def prepare_for_inference(self, loss_fn: "FusedLMMLoss | None" = None) -> "LMMHead":
+        """Works out, eagerly, the structure prediction reads (see
+        :meth:`FusedLMMLoss.prepare_for_inference`): the head's own default
+        (the hierarchy's initial Ψ and :func:`~lmm_fast.default_theta`, kept
+        in the submodule ``prediction``) and, when given, ``loss_fn``'s.
+        Needed before ``torch.compile`` / ``torch.export`` / ONNX export of
+        :meth:`predict_proba` and :meth:`predict_topk`. Returns ``self``."""
+        structure = self.prediction_structure()
+        if not structure.search_ready:
+            structure.prepare_search()
+        if loss_fn is not None:
+            loss_fn.prepare_for_inference()
+        return self
+
+    def prediction_structure(self) -> PredictionStructure:
+        """The head's default :class:`~lmm_fast.predict.PredictionStructure`
+        (built on first use, eagerly; under tracing it must exist)."""
+        current = getattr(self, "prediction", None)
+        if current is None:
+            if is_tracing():
+                raise RuntimeError(NOT_PREPARED.format(owner="LMMHead (no loss_fn)", call="head.prepare_for_inference()"))
+            theta = default_theta(self.num_levels).to(torch.float32)
+            self.prediction = PredictionStructure.from_hierarchy(self.hierarchy, theta, device=self.linear.weight.device)
+            current = self.prediction
+        return current
+
     def _mixture(
         self, loss_fn: "FusedLMMLoss | None", device: torch.device, theta: Tensor | None = None
-    ) -> tuple[str, Any, Tensor]:
-        """("tree", TreeIndex, θ) or ("dense", psi_t, θ) on ``device``."""
-        kind, psi, default = self._psi_and_theta(loss_fn, device)
+    ) -> tuple[PredictionStructure, Tensor | None, Tensor]:
+        """(structure, dense Ψ or None, θ) on ``device``; the dense Ψ is
+        ``None`` when the structure is a tree or holds it itself."""
+        structure, dense, default = self._psi_and_theta(loss_fn, device)
         if theta is None:
-            return kind, psi, default
+            return structure, dense, default
         theta = torch.as_tensor(theta).to(device)
         levels = self.num_levels
         if not theta.is_floating_point() or theta.shape[-1:] != (levels,) or theta.dim() not in (1, 2):
             raise ValueError(f"theta must be [{levels}] or [B, {levels}] floating point, got {tuple(theta.shape)} {theta.dtype}")
-        return kind, psi, theta
+        return structure, dense, theta
 
-    def _psi_and_theta(self, loss_fn: "FusedLMMLoss | None", device: torch.device) -> tuple[str, Any, Tensor]:
+    def _psi_and_theta(
+        self, loss_fn: "FusedLMMLoss | None", device: torch.device
+    ) -> tuple[PredictionStructure, Tensor | None, Tensor]:
         if loss_fn is not None:
             if list(loss_fn.level_sizes) != self.level_sizes:
                 raise ValueError(
@@ -183,20 +210,11 @@ class LMMHead(nn.Module):
                 raise ValueError(
                     f"the features are on {device} but loss_fn's Ψ is on {loss_fn.psi_t.device}; move it with .to()"
                 )
-            tree = tree_index(loss_fn.effective_psi_t(), loss_fn.level_sizes)
-            if tree is not None:
-                return "tree", tree, loss_fn.theta
-            return "dense", loss_fn.effective_psi_t(), loss_fn.theta
-        key = str(device)
-        if key not in self._defaults:
-            theta = default_theta(self.num_levels).to(device=device, dtype=torch.float32)
-            if getattr(self.hierarchy, "is_dense", False):
-                psi_t = torch.cat([p.t() for p in self.hierarchy.psi(device=device)], dim=1).contiguous()
-                self._defaults[key] = ("dense", psi_t, theta)
-            else:
-                tree = tree_index_from_assignments(self.hierarchy.assignments, self.num_classes, device=device)
-                self._defaults[key] = ("tree", tree, theta)
-        return self._defaults[key]
+            structure = loss_fn.prediction_structure()
+            dense = None if structure.kind == "tree" else loss_fn.effective_psi_t()
+            return structure, dense, loss_fn.theta
+        structure = self.prediction_structure()
+        return structure, None, structure.theta
 
     def _features(self, x: Tensor) -> Tensor:
         if not isinstance(x, Tensor):
@@ -212,11 +230,8 @@ class LMMHead(nn.Module):
     ) -> Tensor:
         """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l`` of features ``x`` ``[B, d]``."""
         logits = self(self._features(x))
-        kind, psi, theta = self._mixture(loss_fn, logits.device, theta)
-        acc = accumulate_dtype(logits.dtype)
-        if kind == "tree":
-            return lmm_predict_proba_tree(logits, psi.index, psi.value_as(acc), theta.to(acc), self.level_sizes)
-        return lmm_predict_proba_dense(logits, psi.to(acc), theta.to(acc), self.level_sizes)
+        structure, dense, theta = self._mixture(loss_fn, logits.device, theta)
+        return prepared_proba(logits, structure, theta.to(accumulate_dtype(logits.dtype)), dense)
 
     @torch.no_grad()
     def predict_topk(
@@ -256,91 +271,26 @@ class LMMHead(nn.Module):
         n = self.num_classes
         if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
             raise ValueError(f"k must be an int in [0, N] = [0, {n}], got {k!r}")
-        kind, psi, theta = self._mixture(loss_fn, x.device, theta)
+        structure, dense, theta = self._mixture(loss_fn, x.device, theta)
         acc = accumulate_dtype(x.dtype)
         if theta.dim() == 2 and theta.shape[0] != x.shape[0]:
             raise ValueError(f"theta has {theta.shape[0]} rows but x has {x.shape[0]}")
         if beam is None:
-            logits = self(x)
-            if kind == "tree":
-                return lmm_topk_tree(logits, psi.index, psi.value_as(acc), theta.to(acc), self.level_sizes, k)
-            proba = lmm_predict_proba_dense(logits, psi.to(acc), theta.to(acc), self.level_sizes)
-            return torch.topk(proba, k, dim=1)
+            return prepared_topk(self(x), structure, theta.to(acc), k, dense)
         if not isinstance(beam, int) or isinstance(beam, bool) or beam < 1:
             raise ValueError(f"beam must be a positive int (groups kept per level) or None, got {beam!r}")
-        if kind != "tree":
+        if structure.kind != "tree":
             raise ValueError(
                 "coarse-to-fine prediction needs a tree Ψ (every class in exactly one group per upper "
                 "level, nested levels), but Ψ is dense (e.g. adapted without the non-overlapping "
                 "constraint, or a confusion hierarchy); use beam=None"
             )
-        return _coarse_to_fine(self, x, k, beam, _search_structure(psi), theta.to(acc))
+        return _coarse_to_fine(self, x, k, beam, structure.search(), theta.to(acc))
 
 
 # ---------------------------------------------------------------------------
 # Coarse-to-fine search
 # ---------------------------------------------------------------------------
-
-
-@dataclass
-class _Search:
-    """Padded child tables of a nested tree (-1 pads)."""
-
-    children: list[Tensor]  # per upper level l < L-2: [N_l + 1, max children] groups of level l+1
-    members: Tensor  # [N_{L-1} + 1, max members] classes of each last-upper-level group
-    index: Tensor  # long [L-1, N]
-    value: Tensor  # [L-1, N]
-
-
-def _padded_groups(owner: Tensor, num_owners: int) -> Tensor:
-    """Items (positions in ``owner``) of each owner, padded with -1:
-    ``[num_owners + 1, max]``; the extra last row is all -1, the children of
-    an empty beam slot (kept id -1)."""
-    order = torch.argsort(owner, stable=True)
-    counts = torch.bincount(owner, minlength=num_owners)
-    width = int(counts.max()) if counts.numel() else 0
-    starts = torch.cumsum(counts, 0) - counts
-    rank = torch.arange(owner.numel(), device=owner.device) - starts[owner[order]]
-    table = torch.full((num_owners + 1, max(width, 1)), -1, dtype=torch.long, device=owner.device)
-    table[owner[order], rank] = order
-    return table
-
-
-def _search_structure(tree: TreeIndex) -> _Search:
-    cached = tree._cache.get("search")
-    if cached is not None:
-        return cached
-    index = tree.index.long()
-    upper = tree.level_sizes[:-1]
-    if not upper:
-        raise ValueError("coarse-to-fine prediction needs at least one upper level; use beam=None")
-    missing = (tree.value == 0).nonzero()
-    if missing.numel():
-        level, cls = missing[0].tolist()
-        raise ValueError(
-            f"coarse-to-fine prediction needs every class in one group of every upper level, but class "
-            f"{cls} has no group at level {level + 1} (its column of Ψ^{level + 1} is zero); use beam=None"
-        )
-    children = []
-    for level in range(1, len(upper)):
-        parent = torch.full((upper[level],), -1, dtype=torch.long, device=index.device)
-        parent[index[level]] = index[level - 1]
-        bad = (parent[index[level]] != index[level - 1]).nonzero()
-        if bad.numel():
-            cls = int(bad[0])
-            group = int(index[level, cls])
-            raise ValueError(
-                f"coarse-to-fine prediction needs nested levels (a tree), but group {group} of level "
-                f"{level + 1} holds classes of several level-{level} groups (e.g. class {cls}); use beam=None"
-            )
-        if bool((parent < 0).any()):
-            empty = int((parent < 0).nonzero()[0])
-            raise ValueError(f"group {empty} of level {level + 1} has no classes; coarse-to-fine needs none empty")
-        children.append(_padded_groups(parent, upper[level - 1]))
-    members = _padded_groups(index[-1], upper[-1])
-    search = _Search(children, members, index, tree.value)
-    tree._cache["search"] = search
-    return search
 
 
 def _gathered_scores(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
@@ -367,7 +317,7 @@ def _level_weight(theta: Tensor, level: int) -> Tensor:
     return theta[:, level : level + 1] if theta.dim() == 2 else theta[level]
 
 
-def _coarse_to_fine(head: LMMHead, x: Tensor, k: int, beam: int, search: _Search, theta: Tensor):
+def _coarse_to_fine(head: LMMHead, x: Tensor, k: int, beam: int, search: SearchTables, theta: Tensor):
     acc = theta.dtype
     weight = head.linear.weight
     bias = head.linear.bias

@@ -189,17 +189,71 @@ class FusedLMMLoss(nn.Module):
     def effective_psi_t(self) -> Tensor:
         """Class-major Ψ ``[N, ΣN_upper]`` with the per-group factors
         ``psi_scale`` applied: ``psi_t`` itself while they are all one, else a
-        product cached until either buffer changes."""
-        key = (
-            self.psi_t._version, self.psi_scale._version, self.psi_t.data_ptr(),
-            self.psi_scale.data_ptr(), self.psi_t.device, self.psi_t.dtype,
-        )
+        product cached until either buffer changes (under ``torch.compile`` /
+        ``torch.export``, where neither can be inspected, always the product)."""
+        if torch.compiler.is_compiling() or torch.compiler.is_exporting():
+            return self.psi_t * self.psi_scale
+        key = self._psi_source_key()
         if key != self._effective_key:
             with torch.no_grad():
                 unit = bool((self.psi_scale == 1).all())
                 self._effective = self.psi_t if unit else self.psi_t * self.psi_scale
             self._effective_key = key
         return self._effective
+
+    def _psi_source_key(self) -> tuple:
+        """Identity and version of Ψ's buffers: changes whenever Ψ may have."""
+        return (
+            self.psi_t._version, self.psi_scale._version, self.psi_t.data_ptr(),
+            self.psi_scale.data_ptr(), self.psi_t.device, self.psi_t.dtype, tuple(self.psi_t.shape),
+        )
+
+    # ------------------------------------------------------------ inference
+    def prepare_for_inference(self) -> "FusedLMMLoss":
+        """Works out, eagerly, how prediction reads the current Ψ (tree or
+        dense, the class → group map, the coarse-to-fine tables) and keeps it
+        in the submodule ``prediction`` (non-persistent buffers: moved by
+        ``.to()``, not in ``state_dict``). Returns ``self``.
+
+        Needed before ``torch.compile``, ``torch.export`` or ONNX export of
+        prediction, which cannot inspect Ψ's values; traced prediction uses
+        the structure as of this call, so call it again after Ψ changes
+        (adaptation steps, :meth:`set_psi`, ``load_state_dict``). Eager
+        prediction refreshes it by itself whenever Ψ was written since.
+        """
+        self._refresh_prediction(search=True)
+        return self
+
+    def prediction_structure(self):
+        """The :class:`~lmm_fast.predict.PredictionStructure` prediction reads:
+        refreshed first if Ψ changed since it was made (eagerly), or as
+        prepared (under tracing, where an unprepared loss raises)."""
+        from lmm_fast.predict import NOT_PREPARED, is_tracing
+
+        current = getattr(self, "prediction", None)
+        if is_tracing():
+            if current is None:
+                raise RuntimeError(NOT_PREPARED.format(owner="FusedLMMLoss", call="loss_fn.prepare_for_inference()"))
+            return current
+        if current is None or current.source != self._psi_source_key():
+            self._refresh_prediction(search=False)
+        return self.prediction
+
+    @torch.no_grad()
+    def _refresh_prediction(self, search: bool) -> None:
+        from lmm_fast.predict import PredictionStructure
+
+        key = self._psi_source_key()
+        fresh = PredictionStructure.from_psi_t(self.effective_psi_t(), self.level_sizes, source=key)
+        current = getattr(self, "prediction", None)
+        # once prepared in full, an eager refresh keeps it so (coarse-to-fine
+        # tables included), ready for traced prediction
+        if search or (current is not None and current.search_ready):
+            fresh.prepare_search()
+        if current is None:
+            self.prediction = fresh
+        else:
+            current.update_(fresh)
 
     @property
     def theta(self) -> Tensor:
@@ -333,14 +387,28 @@ class FusedLMMLoss(nn.Module):
         return loss.sum() / count.to(loss.dtype)
 
     def predict_proba(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
-        """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l``; rows sum to 1."""
-        # Fused kernels (lmm_fast.predict): a gather through the class -> group
-        # map when Ψ is a tree (detected once, cached until psi_t changes),
-        # else one GEMM for all upper levels. predict_proba_reference is the
-        # oracle of the tests.
-        from lmm_fast.predict import mixture_proba
+        """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l``; rows sum to 1.
 
-        return mixture_proba(self.pack(logits), self.effective_psi_t(), self.theta, self.level_sizes)
+        Under ``torch.compile`` / ``torch.export`` / ONNX export the loss must
+        have been prepared (:meth:`prepare_for_inference`, or any eager
+        prediction since Ψ last changed)."""
+        # Fused kernels (lmm_fast.predict): a gather through the class -> group
+        # map when Ψ is a tree (detected once, kept in self.prediction until
+        # psi_t changes), else one GEMM for all upper levels.
+        # predict_proba_reference is the oracle of the tests.
+        from lmm_fast.predict import prepared_proba
+
+        logits = self.pack(logits)
+        if not logits.is_floating_point():
+            raise TypeError(f"logits must be floating point, got {logits.dtype}")
+        if logits.device != self.psi_t.device:
+            raise ValueError(
+                f"logits are on {logits.device} but Ψ is on {self.psi_t.device}; "
+                f"move the loss (or head) with .to({str(logits.device)!r})"
+            )
+        structure = self.prediction_structure()
+        dense = None if structure.kind == "tree" else self.effective_psi_t()
+        return prepared_proba(logits, structure, self.theta.to(accumulate_dtype(logits.dtype)), dense)
 
     def extra_repr(self) -> str:
         with torch.no_grad():

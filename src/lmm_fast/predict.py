@@ -17,6 +17,19 @@ coarse-to-fine search of :meth:`lmm_fast.LMMHead.predict_topk`.
 ``psi_t`` once and caches it until ``psi_t`` is written to (``psi_t._version``)
 or replaced. :func:`mixture_proba` and :func:`predict_topk` pick the kernel.
 
+**Prepared for inference.** Whether Ψ is a tree, and its class → group map,
+depend on Ψ's values, which ``torch.compile``, ``torch.export`` and ONNX
+export cannot inspect. A :class:`PredictionStructure` holds that structure as
+non-persistent buffers (moved by ``.to()``, not in ``state_dict``), worked
+out eagerly: ``FusedLMMLoss.prepare_for_inference()``,
+``LMMHead.prepare_for_inference()`` or :func:`prepare_for_inference` on a
+whole model. Eager prediction keeps it up to date by itself (it re-detects
+whenever Ψ was written since); traced code (:func:`is_tracing`) only reads
+it, so compiled and exported prediction uses Ψ's structure as of the last
+preparation (or eager prediction). At export the operators are written as
+standard ATen ops (:mod:`lmm_fast.ops.predict`), so an exported program runs
+without this library (docs/deploy.md).
+
 The operators' wrappers live in :mod:`lmm_fast.ops.predict`; their
 pure-PyTorch oracles (any dtype) in :mod:`lmm_fast.reference.predict`.
 """
@@ -27,17 +40,24 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lmm_fast.ops import accumulate_dtype
 from lmm_fast.ops.predict import lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
 
 __all__ = [
+    "PredictionStructure",
+    "is_tracing",
+    "prepare_for_inference",
     "TreeIndex",
     "tree_index",
     "tree_index_from_assignments",
+    "SearchTables",
+    "search_tables",
     "mixture_proba",
+    "prepared_proba",
+    "prepared_topk",
     "predict_topk",
     "path_score_proba",
 ]
@@ -151,6 +171,291 @@ def tree_index_from_assignments(
 
 
 # ---------------------------------------------------------------------------
+# Coarse-to-fine tables of a nested tree
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class SearchTables:
+    """Padded child tables of a nested tree (-1 pads), read by the
+    coarse-to-fine search of :meth:`lmm_fast.LMMHead.predict_topk`."""
+
+    children: list[Tensor]  # per upper level l < L-2: [N_l + 1, max children] groups of level l+1
+    members: Tensor  # [N_{L-1} + 1, max members] classes of each last-upper-level group
+    index: Tensor  # long [L-1, N]
+    value: Tensor  # [L-1, N]
+
+
+def _padded_groups(owner: Tensor, num_owners: int) -> Tensor:
+    """Items (positions in ``owner``) of each owner, padded with -1:
+    ``[num_owners + 1, max]``; the extra last row is all -1, the children of
+    an empty beam slot (kept id -1)."""
+    order = torch.argsort(owner, stable=True)
+    counts = torch.bincount(owner, minlength=num_owners)
+    width = int(counts.max()) if counts.numel() else 0
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(owner.numel(), device=owner.device) - starts[owner[order]]
+    table = torch.full((num_owners + 1, max(width, 1)), -1, dtype=torch.long, device=owner.device)
+    table[owner[order], rank] = order
+    return table
+
+
+def search_tables(tree: TreeIndex) -> SearchTables:
+    """The coarse-to-fine tables of a tree index (cached on it).
+
+    Raises:
+        ValueError: when the tree has no upper level, a class is in no group
+        of some level, the levels are not nested, or a group is empty.
+    """
+    cached = tree._cache.get("search")
+    if cached is not None:
+        return cached
+    index = tree.index.long()
+    upper = tree.level_sizes[:-1]
+    if not upper:
+        raise ValueError("coarse-to-fine prediction needs at least one upper level; use beam=None")
+    missing = (tree.value == 0).nonzero()
+    if missing.numel():
+        level, cls = missing[0].tolist()
+        raise ValueError(
+            f"coarse-to-fine prediction needs every class in one group of every upper level, but class "
+            f"{cls} has no group at level {level + 1} (its column of Ψ^{level + 1} is zero); use beam=None"
+        )
+    children = []
+    for level in range(1, len(upper)):
+        parent = torch.full((upper[level],), -1, dtype=torch.long, device=index.device)
+        parent[index[level]] = index[level - 1]
+        bad = (parent[index[level]] != index[level - 1]).nonzero()
+        if bad.numel():
+            cls = int(bad[0])
+            group = int(index[level, cls])
+            raise ValueError(
+                f"coarse-to-fine prediction needs nested levels (a tree), but group {group} of level "
+                f"{level + 1} holds classes of several level-{level} groups (e.g. class {cls}); use beam=None"
+            )
+        if bool((parent < 0).any()):
+            empty = int((parent < 0).nonzero()[0])
+            raise ValueError(f"group {empty} of level {level + 1} has no classes; coarse-to-fine needs none empty")
+        children.append(_padded_groups(parent, upper[level - 1]))
+    members = _padded_groups(index[-1], upper[-1])
+    search = SearchTables(children, members, index, tree.value)
+    tree._cache["search"] = search
+    return search
+
+
+# ---------------------------------------------------------------------------
+# Prepared for inference
+# ---------------------------------------------------------------------------
+
+
+def is_tracing() -> bool:
+    """True while ``torch.compile``, ``torch.export``, ONNX export or TorchScript
+    tracing runs the calling code. Prediction then reads prepared structures
+    only and never inspects tensor values."""
+    return (
+        torch.compiler.is_compiling()
+        or torch.compiler.is_exporting()
+        or torch.jit.is_tracing()
+        or torch.onnx.is_in_onnx_export()
+    )
+
+
+NOT_PREPARED = (
+    "{owner}: prediction under torch.compile / torch.export / ONNX export needs Ψ's structure worked "
+    "out beforehand, eagerly (traced code cannot inspect tensor values): call {call} once before "
+    "compiling or exporting, and again whenever Ψ changes (adaptation, set_psi, load_state_dict), "
+    "or lmm_fast.prepare_for_inference(model) for a whole model"
+)
+
+
+class PredictionStructure(nn.Module):
+    """How prediction reads Ψ, worked out once, eagerly, and held as
+    non-persistent buffers (moved by ``.to()``, left out of ``state_dict``).
+
+    Attributes:
+        kind: ``"tree"`` (every column of every upper Ψ^l has at most one
+            non-zero) or ``"dense"``.
+        level_sizes: ``[N_1, …, N_{L-1}, N]``.
+        index: int32 ``[L-1, N]``, the group of every class per upper level
+            (tree only).
+        value: ``[L-1, N]`` ``Ψ^l[index[l, y], y]`` (tree only; float64 for a
+            float64 Ψ, else float32).
+        psi_t: dense class-major Ψ ``[N, ΣN_upper]`` when this structure owns
+            it (a head's hierarchy default); ``None`` when it is read live from
+            a loss.
+        theta: θ ``[L]`` when this structure owns it (a head's default), else
+            ``None``.
+        source: the version key of the Ψ it was prepared from (eager staleness
+            check of the owner).
+
+    The coarse-to-fine tables (``children_0 …``, ``members``) are built by
+    :meth:`prepare_search` (``prepare_for_inference`` calls it) or, eagerly,
+    on the first beam search.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        level_sizes: Sequence[int],
+        *,
+        index: Tensor | None = None,
+        value: Tensor | None = None,
+        psi_t: Tensor | None = None,
+        theta: Tensor | None = None,
+        source: Any = None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("tree", "dense"):
+            raise ValueError(f"kind must be 'tree' or 'dense', got {kind!r}")
+        if kind == "tree" and (index is None or value is None):
+            raise ValueError("a tree structure needs index and value")
+        self.kind = kind
+        self.level_sizes = [int(s) for s in level_sizes]
+        self.source = source
+        self.register_buffer("index", index, persistent=False)
+        self.register_buffer("value", value, persistent=False)
+        self.register_buffer("psi_t", psi_t, persistent=False)
+        self.register_buffer("theta", theta, persistent=False)
+        self.register_buffer("members", None, persistent=False)
+        self.search_ready = False
+        self.search_error: str | None = None
+        self.num_children = 0
+
+    @classmethod
+    @torch.no_grad()
+    def from_psi_t(cls, psi_t: Tensor, level_sizes: Sequence[int], source: Any = None) -> "PredictionStructure":
+        """The structure of a class-major ``psi_t`` ``[N, ΣN_upper]`` (its tree
+        form when it is one; else dense, read live from the owner)."""
+        with torch.inference_mode(False):
+            found = _detect_tree(psi_t.detach(), level_sizes)
+            if found is None:
+                return cls("dense", level_sizes, source=source)
+            # float64 Ψ keeps its values exactly (the detection stores float32)
+            value = (_detect_tree_values(psi_t.detach(), found.index, level_sizes)
+                     if psi_t.dtype == torch.float64 else found.value)
+            return cls("tree", level_sizes, index=found.index, value=value, source=source)
+
+    @classmethod
+    @torch.no_grad()
+    def from_hierarchy(cls, hierarchy: Any, theta: Tensor, device: torch.device | str | None = None) -> "PredictionStructure":
+        """A hierarchy's initial Ψ (a tree straight from its assignments, or its
+        dense Ψ) and a θ, both held here."""
+        sizes = [int(s) for s in hierarchy.level_sizes] + [int(hierarchy.num_classes)]
+        with torch.inference_mode(False):
+            theta = theta.detach().to(device).clone()
+            if getattr(hierarchy, "is_dense", False):
+                psi_t = torch.cat([p.t() for p in hierarchy.psi(device=device)], dim=1).contiguous()
+                return cls("dense", sizes, psi_t=psi_t, theta=theta)
+            tree = tree_index_from_assignments(hierarchy.assignments, sizes[-1], device=device)
+            return cls("tree", sizes, index=tree.index, value=tree.value, theta=theta)
+
+    def tree(self) -> TreeIndex:
+        """The tree form (``kind == "tree"`` only)."""
+        if self.kind != "tree":
+            raise ValueError("Ψ is dense: it has no tree form")
+        return TreeIndex(self.index, self.value, list(self.level_sizes))
+
+    @torch.no_grad()
+    def prepare_search(self) -> None:
+        """Builds the coarse-to-fine tables now (tree only); a Ψ that does
+        not admit them (not nested, a class without a group) is remembered,
+        and :meth:`search` raises its reason."""
+        if self.kind != "tree":
+            self.search_ready, self.search_error = True, None
+            return
+        with torch.inference_mode(False):
+            try:
+                tables = search_tables(TreeIndex(self.index, self.value, list(self.level_sizes)))
+            except ValueError as error:
+                self.search_error = str(error)
+                tables = None
+            else:
+                self.search_error = None
+            count = len(tables.children) if tables is not None else 0
+            for level in range(max(count, self.num_children)):
+                tensor = tables.children[level] if level < count else None
+                _assign_buffer(self, f"children_{level}", tensor)
+            _assign_buffer(self, "members", tables.members if tables is not None else None)
+            self.num_children = count
+            self.search_ready = True
+
+    def search(self) -> SearchTables:
+        """The coarse-to-fine tables (built eagerly if not yet; under tracing
+        they must have been prepared)."""
+        if not self.search_ready:
+            if is_tracing():
+                raise RuntimeError(NOT_PREPARED.format(owner="coarse-to-fine prediction",
+                                                       call="prepare_for_inference()"))
+            self.prepare_search()
+        if self.search_error is not None:
+            raise ValueError(self.search_error)
+        children = [getattr(self, f"children_{level}") for level in range(self.num_children)]
+        return SearchTables(children, self.members, self.index.long(), self.value)
+
+    @torch.no_grad()
+    def update_(self, other: "PredictionStructure") -> None:
+        """Takes ``other``'s contents, in place where the shapes allow (so that
+        compiled graphs reading these buffers see the new values without a
+        recompile)."""
+        with torch.inference_mode(False):
+            self.kind = other.kind
+            self.level_sizes = list(other.level_sizes)
+            self.source = other.source
+            for name in ("index", "value", "psi_t", "theta", "members"):
+                _assign_buffer(self, name, getattr(other, name))
+            for level in range(max(other.num_children, self.num_children)):
+                tensor = getattr(other, f"children_{level}") if level < other.num_children else None
+                _assign_buffer(self, f"children_{level}", tensor)
+            self.num_children = other.num_children
+            self.search_ready = other.search_ready
+            self.search_error = other.search_error
+
+    def extra_repr(self) -> str:
+        search = "ready" if self.search_ready and self.search_error is None else (
+            "unavailable" if self.search_ready else "not built")
+        return f"kind={self.kind!r}, level_sizes={self.level_sizes}, coarse_to_fine={search}"
+
+
+def _assign_buffer(module: nn.Module, name: str, tensor: Tensor | None) -> None:
+    old = module._buffers.get(name)
+    if (old is not None and tensor is not None and old.shape == tensor.shape
+            and old.dtype == tensor.dtype and old.device == tensor.device):
+        old.copy_(tensor)
+    elif name in module._buffers:
+        module._buffers[name] = tensor
+    else:
+        module.register_buffer(name, tensor, persistent=False)
+
+
+def _detect_tree_values(psi_t: Tensor, index: Tensor, level_sizes: Sequence[int]) -> Tensor:
+    """``Ψ^l[index[l, y], y]`` in ``psi_t``'s dtype ``[L-1, N]``."""
+    rows, offset = [], 0
+    for level, size in enumerate(level_sizes[:-1]):
+        rows.append(psi_t[:, offset : offset + size].gather(1, index[level].long().unsqueeze(1)).squeeze(1))
+        offset += size
+    if not rows:
+        return torch.zeros(0, psi_t.shape[0], dtype=psi_t.dtype, device=psi_t.device)
+    return torch.stack(rows)
+
+
+def prepare_for_inference(model: nn.Module) -> nn.Module:
+    """Prepares every :class:`~lmm_fast.FusedLMMLoss` and
+    :class:`~lmm_fast.LMMHead` inside ``model`` (``model`` itself included)
+    for compiled or exported prediction (their ``prepare_for_inference()``),
+    and returns ``model``. Call it eagerly, after the last change of Ψ and
+    before ``torch.compile`` / ``torch.export`` / ``torch.onnx.export``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    for module in list(model.modules()):
+        if isinstance(module, PredictionStructure):
+            continue
+        prepare = getattr(type(module), "prepare_for_inference", None)
+        if callable(prepare):
+            module.prepare_for_inference()
+    return model
+
+
+# ---------------------------------------------------------------------------
 # Dispatch from the loss's state
 # ---------------------------------------------------------------------------
 
@@ -170,13 +475,44 @@ def mixture_proba(logits: Tensor, psi_t: Tensor, theta: Tensor, level_sizes: Seq
     """``[B, N]`` class probabilities from packed ``logits`` ``[B, ΣN_l]``, the
     loss's class-major ``psi_t`` ``[N, ΣN_upper]`` and θ ``[L]`` or ``[B, L]``:
     the gather kernel when Ψ is a tree (detected once, cached), else the GEMM
-    kernel."""
+    kernel. Under tracing (:func:`is_tracing`) Ψ's values cannot be inspected,
+    so the GEMM kernel is used; ``FusedLMMLoss.predict_proba`` of a prepared
+    loss keeps the gather kernel there."""
     acc = _check_logits(logits, psi_t)
     theta = theta.to(acc)
+    if is_tracing():
+        return lmm_predict_proba_dense(logits, psi_t.to(acc), theta, level_sizes)
     tree = tree_index(psi_t, level_sizes)
     if tree is not None:
         return lmm_predict_proba_tree(logits, tree.index, tree.value_as(acc), theta, level_sizes)
     return lmm_predict_proba_dense(logits, psi_t.to(acc), theta, level_sizes)
+
+
+def prepared_proba(
+    logits: Tensor, structure: PredictionStructure, theta: Tensor, psi_t: Tensor | None = None
+) -> Tensor:
+    """``[B, N]`` probabilities through a :class:`PredictionStructure`: the
+    gather kernel for a tree, else the GEMM kernel on ``psi_t`` (the owner's
+    dense Ψ; default: the structure's own). ``theta`` in the accumulation
+    dtype of ``logits``. Reads no tensor values on the host (traceable)."""
+    acc = accumulate_dtype(logits.dtype)
+    if structure.kind == "tree":
+        return lmm_predict_proba_tree(logits, structure.index, structure.value.to(acc), theta, structure.level_sizes)
+    dense = structure.psi_t if psi_t is None else psi_t
+    return lmm_predict_proba_dense(logits, dense.to(acc), theta, structure.level_sizes)
+
+
+def prepared_topk(
+    logits: Tensor, structure: PredictionStructure, theta: Tensor, k: int, psi_t: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """The top ``k`` through a :class:`PredictionStructure`: the partial-selection
+    kernel for a tree, else the GEMM kernel and ``torch.topk`` (arguments as
+    :func:`prepared_proba`)."""
+    acc = accumulate_dtype(logits.dtype)
+    if structure.kind == "tree":
+        return lmm_topk_tree(logits, structure.index, structure.value.to(acc), theta, structure.level_sizes, k)
+    values, indices = torch.topk(prepared_proba(logits, structure, theta, psi_t), k, dim=1)
+    return values, indices  # a plain tuple, as the tree op's
 
 
 def predict_topk(
@@ -194,6 +530,9 @@ def predict_topk(
     Returns:
         ``(values [B, k], indices [B, k])``, best first. A tree Ψ uses the
         partial-selection kernel; a dense Ψ the GEMM kernel and ``torch.topk``.
+
+    Under ``torch.compile`` / ``torch.export`` the loss must have been
+    prepared (``loss_fn.prepare_for_inference()``, or any eager prediction).
     """
     logits = loss_fn.pack(logits)
     n = loss_fn.level_sizes[-1]
@@ -201,11 +540,9 @@ def predict_topk(
         raise ValueError(f"k must be an int in [0, N] = [0, {n}], got {k!r}")
     acc = _check_logits(logits, loss_fn.psi_t)
     theta = (loss_fn.theta if theta is None else theta).to(device=logits.device, dtype=acc)
-    tree = tree_index(loss_fn.effective_psi_t(), loss_fn.level_sizes)
-    if tree is not None:
-        return lmm_topk_tree(logits, tree.index, tree.value_as(acc), theta, loss_fn.level_sizes, k)
-    proba = lmm_predict_proba_dense(logits, loss_fn.effective_psi_t().to(acc), theta, loss_fn.level_sizes)
-    return torch.topk(proba, k, dim=1)
+    structure = loss_fn.prediction_structure()
+    dense = None if structure.kind == "tree" else loss_fn.effective_psi_t()
+    return prepared_topk(logits, structure, theta, k, dense)
 
 
 def path_score_proba(

@@ -19,8 +19,9 @@ of an image's class contiguously; :attr:`GibbsAdapter.counts` gives
 """
 from __future__ import annotations
 
+import functools
 import itertools
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -33,10 +34,27 @@ if TYPE_CHECKING:
     from lmm_fast.hierarchy import Hierarchy
     from lmm_fast.loss import FusedLMMLoss
 
-__all__ = ["GibbsAdapter", "PRIORS"]
+__all__ = ["GibbsAdapter", "PRIORS", "run_eagerly"]
 
 PRIORS = ("per_class", "total")
 _STATE_VERSION = 1
+
+
+def run_eagerly(fn: Callable) -> Callable:
+    """Keeps ``fn`` out of ``torch.compile`` graphs: called from compiled code
+    it is one graph break and runs eagerly (``torch.compiler.disable``).
+
+    Unlike decorating with ``torch.compiler.disable`` directly, this does not
+    import ``torch._dynamo`` (seconds) when lmm_fast is imported or ``fn`` is
+    called eagerly; only compiled code, which has loaded it, reaches it."""
+
+    @functools.wraps(fn)
+    def eager_only(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return eager_only
 
 
 def _as_index_tensor(value: Any, name: str) -> Tensor:
@@ -295,8 +313,16 @@ class GibbsAdapter:
             )
         return logits.detach()
 
-    def _validate(self, logits, target, indices) -> tuple[Tensor, Tensor, Tensor]:
-        """Checks a batch without changing anything; returns (logits, target, indices)."""
+    @property
+    def ignore_index(self) -> int:
+        """The loss's ``ignore_index``: batch rows with this target are skipped."""
+        return int(getattr(self.loss_fn, "ignore_index", -100))
+
+    def _validate(self, logits, target, indices) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+        """Checks a batch without changing anything; returns (logits, target,
+        indices, keep) without the rows whose target is the loss's
+        ``ignore_index`` (``keep``: their [B] bool mask, or None when no row
+        is ignored)."""
         logits = self._upper_logits(logits)
         target = _as_index_tensor(target, "target")
         indices = _as_index_tensor(indices, "indices")
@@ -308,24 +334,54 @@ class GibbsAdapter:
             )
         self._check_devices(logits=logits, target=target, indices=indices)
         if batch == 0:
-            return logits, target, indices
-        xi = self.num_images
+            return logits, target, indices, None
         # one op and one device sync for the three checks
-        bad_index, repeated, bad_target = gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
+        flags = gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
+        keep = positions = None
+        ignore = self.ignore_index
+        # An ignored row fails the target check (unless ignore_index is a
+        # class), so the mask costs nothing on batches without one.
+        if max(flags) >= 0 or 0 <= ignore < self.num_classes:
+            ignored = target == ignore
+            if bool(ignored.any()):
+                keep = ~ignored
+                positions = keep.nonzero().squeeze(1)
+                logits, target, indices = logits[keep], target[keep], indices[keep]
+                flags = (gibbs_ops.gibbs_check_batch(indices, target, self.train_targets).tolist()
+                         if indices.numel() else [-1, -1, -1])
+        self._refuse_bad_batch(flags, target, indices, positions)
+        return logits, target, indices, keep
+
+    def _refuse_bad_batch(self, flags: list[int], target: Tensor, indices: Tensor, positions: Tensor | None) -> None:
+        bad_index, repeated, bad_target = flags
+        row = (lambda i: int(positions[i])) if positions is not None else (lambda i: i)
         if bad_index >= 0:
             raise ValueError(
-                f"indices[{bad_index}] = {int(indices[bad_index])} is not a training image index in [0, {xi})")
+                f"indices[{row(bad_index)}] = {int(indices[bad_index])} is not a training image index "
+                f"in [0, {self.num_images})")
         if repeated >= 0:
             raise ValueError(f"indices holds image {repeated} more than once: each image of a batch is sampled once")
         if bad_target >= 0:
             image = int(indices[bad_target])
+            at = row(bad_target)
             raise ValueError(
-                f"target[{bad_target}] = {int(target[bad_target])} but train_targets[indices[{bad_target}]] = "
+                f"target[{at}] = {int(target[bad_target])} but train_targets[indices[{at}]] = "
                 f"train_targets[{image}] = {int(self.train_targets[image])}: "
                 f"indices must be the dataset positions of the batch's images"
             )
-        return logits, target, indices
 
+    def _with_ignored(self, new: Tensor, keep: Tensor | None) -> Tensor:
+        """The labels of the whole batch: -1 on the ignored rows."""
+        if keep is None:
+            return new
+        out = new.new_full((keep.numel(), new.shape[1]), -1)
+        out[keep] = new
+        return out
+
+    # The step reads batch values on the host (its checks, the moves, which
+    # groups' Ψ to rewrite), so it always runs eagerly: under torch.compile it
+    # is one deliberate graph break and the rest of a training step compiles.
+    @run_eagerly
     @torch.no_grad()
     def step(self, logits: Tensor | Sequence[Tensor], target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         """Sample the group labels of a mini-batch, update Ω and the loss's Ψ.
@@ -333,7 +389,9 @@ class GibbsAdapter:
         Args:
             logits: the batch's logits, packed ``[B, ΣN_l]`` or a per-level list
                 (detached here; only the upper levels are read).
-            target: ``[B]`` classes (must equal ``train_targets[indices]``).
+            target: ``[B]`` classes (must equal ``train_targets[indices]``);
+                rows whose target is the loss's ``ignore_index`` are skipped:
+                not sampled, their labels unchanged, their ``indices`` not read.
             indices: ``[B]`` dataset indices of the images, distinct.
             exact: sample one image at a time in batch order (the exact
                 sequential collapsed Gibbs sampler) instead of all at once.
@@ -343,15 +401,20 @@ class GibbsAdapter:
         has no finite logit (or a +inf one) keeps its label there.
 
         Returns:
-            ``[B, L-1]`` int64 new labels of the batch's images.
+            ``[B, L-1]`` int64 new labels of the batch's images (-1 on the
+            skipped rows).
+
+        Under ``torch.compile`` the step is excluded from the graph
+        (``torch.compiler.disable``) and runs eagerly: a graph break on
+        purpose, so the rest of a compiled training step still compiles.
 
         A refused batch (a ``ValueError``/``TypeError`` naming the problem)
         changes nothing: not the labels, Ω, Ψ nor the step counter.
         """
         dist = self._dist()
         if dist is None:
-            logits, target, indices = self._validate(logits, target, indices)
-            new = self._sample(logits, target, indices, exact)
+            logits, target, indices, keep = self._validate(logits, target, indices)
+            new = self._with_ignored(self._sample(logits, target, indices, exact), keep)
         else:
             new = self._step_distributed(dist, logits, target, indices, exact)
         self.step_count += 1
@@ -443,8 +506,9 @@ class GibbsAdapter:
     def _step_distributed(self, dist, logits, target, indices, exact: bool) -> Tensor:
         comm = self._comm_device(dist)
         error: Exception | None = None
+        keep = None
         try:
-            logits, target, indices = self._validate(logits, target, indices)
+            logits, target, indices, keep = self._validate(logits, target, indices)
             batch = indices.numel()
         except (ValueError, TypeError) as exc:
             error, batch = exc, 0
@@ -514,7 +578,7 @@ class GibbsAdapter:
         self._after_moves(all_indices, all_target, old, new)
         rank = dist.get_rank(self._group)
         start = sum(sizes[:rank])
-        return new[start : start + sizes[rank]]
+        return self._with_ignored(new[start : start + sizes[rank]], keep)
 
     # ------------------------------------------------------------------- Ψ
     @torch.no_grad()
@@ -589,6 +653,12 @@ class GibbsAdapter:
                 f"state is for upper levels {list(state['level_sizes'])} over {state['num_classes']} classes, "
                 f"this adapter has {self.level_sizes} over {self.num_classes}"
             )
+        if bool(state["non_overlapping"]) != self.non_overlapping:
+            raise ValueError(
+                f"state was saved by an adapter with non_overlapping={bool(state['non_overlapping'])} but this "
+                f"adapter has non_overlapping={self.non_overlapping}: build it with "
+                f"GibbsAdapter(..., non_overlapping={bool(state['non_overlapping'])}) to resume that run"
+            )
         targets = state["train_targets"]
         if targets.shape != self.train_targets.shape or not torch.equal(targets.to(self.device), self.train_targets):
             raise ValueError("state has different train_targets than this adapter")
@@ -613,7 +683,6 @@ class GibbsAdapter:
         self.beta.copy_(beta.to(self.beta))
         self.beta0 = float(state["beta0"])
         self.prior = state.get("prior", self.prior)
-        self.non_overlapping = bool(state["non_overlapping"])
         self.seed = int(state["seed"])
         self.step_count = int(state["step"])
         self._owner = self._numerator = self._kept = self._nonzero = self._bound = None

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.adaptation.adapter import GibbsAdapter
+from lmm_fast.adaptation.adapter import GibbsAdapter, run_eagerly
 
 if TYPE_CHECKING:
     from lmm_fast.hierarchy import Hierarchy
@@ -115,6 +115,7 @@ class GuardedGibbsAdapter(GibbsAdapter):
             self._moves.append((indices.clone(), target.clone(), old.clone(), new.clone()))
         super()._after_moves(indices, target, old, new)
 
+    @run_eagerly  # as GibbsAdapter.step: one graph break under torch.compile
     @torch.no_grad()
     def step(self, logits: Tensor | Sequence[Tensor], target: Tensor, indices: Tensor, exact: bool = False) -> Tensor:
         if self.max_empty_share >= 1.0:
@@ -145,4 +146,8 @@ class GuardedGibbsAdapter(GibbsAdapter):
             self._psi_synced = False
             self._owner = self._numerator = self._kept = self._nonzero = self._bound = None
         self.refused_steps += 1
-        return self.labels[torch.as_tensor(indices, device=self.device).long()].clone()
+        # the batch's restored labels; -1 stays on the rows the step skipped
+        restored = new.clone()
+        sampled = (new >= 0).all(dim=1)
+        restored[sampled] = self.labels[torch.as_tensor(indices, device=self.device).long()[sampled]]
+        return restored

@@ -5,6 +5,12 @@ autograd formulas registered through ``torch.library``.
 
 Kernels: ``csrc/cpu/predict_cpu.cpp`` and ``csrc/cuda/predict_cuda.cu``;
 oracles: :mod:`lmm_fast.reference.predict`.
+
+At export (``torch.export``, ``torch.onnx.export``) each wrapper writes its
+operator as standard ATen ops instead (the ``*_decomposed`` functions below,
+selected by :func:`exporting`), so that an exported program or ONNX graph
+runs in any runtime without this library; ``torch.compile`` keeps the fused
+kernels.
 """
 from __future__ import annotations
 
@@ -15,7 +21,24 @@ from torch import Tensor
 
 from lmm_fast.ops.library import accumulate_dtype
 
-__all__ = ["lmm_predict_proba_tree", "lmm_predict_proba_dense", "lmm_topk_tree", "lmm_gather_scores"]
+__all__ = [
+    "lmm_predict_proba_tree",
+    "lmm_predict_proba_dense",
+    "lmm_topk_tree",
+    "lmm_gather_scores",
+    "exporting",
+    "predict_proba_tree_decomposed",
+    "predict_proba_dense_decomposed",
+    "topk_tree_decomposed",
+    "gather_scores_decomposed",
+]
+
+
+def exporting() -> bool:
+    """True while ``torch.export`` or ONNX export traces the caller: the
+    prediction wrappers then emit standard ops (runtimes without this
+    library cannot run ``lmm_fast::`` operators)."""
+    return torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export()
 
 
 # ---------------------------------------------------------------------------
@@ -40,6 +63,8 @@ def lmm_predict_proba_tree(
     Returns:
         ``[B, N]`` in the logits' dtype; differentiable in ``logits`` and ``theta``.
     """
+    if exporting():
+        return predict_proba_tree_decomposed(logits, group_index, group_value, theta, level_sizes)
     return torch.ops.lmm_fast.lmm_predict_proba_tree.default(
         logits, group_index, group_value, theta, list(level_sizes)
     )
@@ -49,6 +74,8 @@ def lmm_predict_proba_dense(logits: Tensor, psi_t: Tensor, theta: Tensor, level_
     """``[B, N]`` probabilities for any Ψ, given class-major ``psi_t`` ``[N, ΣN_upper]``
     (the loss's buffer, in the accumulation dtype); ``theta`` ``[L]`` or
     ``[B, L]``. Differentiable in ``logits`` and ``theta``."""
+    if exporting():
+        return predict_proba_dense_decomposed(logits, psi_t, theta, level_sizes)
     return torch.ops.lmm_fast.lmm_predict_proba_dense.default(logits, psi_t, theta, list(level_sizes))
 
 
@@ -65,6 +92,8 @@ def lmm_topk_tree(
         by class index (NaN ranks first, as in ``torch.topk``); on CUDA ties
         follow ``torch.topk``. ``values`` is differentiable.
     """
+    if exporting():
+        return topk_tree_decomposed(logits, group_index, group_value, theta, level_sizes, k)
     return torch.ops.lmm_fast.lmm_topk_tree.default(logits, group_index, group_value, theta, list(level_sizes), int(k))
 
 
@@ -80,7 +109,79 @@ def lmm_gather_scores(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tens
         ``[B, C]`` in ``x``'s dtype, ``-inf`` where ``rows`` is -1. Not
         differentiable (used for prediction).
     """
+    if exporting():
+        return gather_scores_decomposed(x, weight, bias, rows)
     return torch.ops.lmm_fast.lmm_gather_scores.default(x, weight, bias, rows)
+
+
+# ---------------------------------------------------------------------------
+# The operators in standard ops, used at export
+# ---------------------------------------------------------------------------
+# The same mixture as the kernels, in the accumulation dtype, as ops every
+# exporter and runtime knows: softmax, index_select (ONNX Gather), matmul,
+# topk. They build no [N_l, N] Ψ for a tree.
+
+
+def _level_weights(theta: Tensor, levels: int) -> list[Tensor]:
+    """θ_l as a scalar tensor, or ``[B, 1]`` for a per-row θ."""
+    if theta.dim() == 2:
+        return [theta[:, level : level + 1] for level in range(levels)]
+    return [theta[level] for level in range(levels)]
+
+
+def predict_proba_tree_decomposed(
+    logits: Tensor, group_index: Tensor, group_value: Tensor, theta: Tensor, level_sizes: Sequence[int]
+) -> Tensor:
+    """:func:`lmm_predict_proba_tree` in standard ops (same arguments and result)."""
+    acc = accumulate_dtype(logits.dtype)
+    parts = torch.split(logits, list(level_sizes), dim=1)
+    weights = _level_weights(theta.to(acc), len(level_sizes))
+    out = weights[-1] * torch.softmax(parts[-1].to(acc), dim=1)
+    for level, part in enumerate(parts[:-1]):
+        z = torch.softmax(part.to(acc), dim=1)
+        vote = torch.index_select(z, 1, group_index[level].to(torch.int64)) * group_value[level].to(acc)
+        out = out + weights[level] * vote
+    return out.to(logits.dtype)
+
+
+def predict_proba_dense_decomposed(
+    logits: Tensor, psi_t: Tensor, theta: Tensor, level_sizes: Sequence[int]
+) -> Tensor:
+    """:func:`lmm_predict_proba_dense` in standard ops (same arguments and result)."""
+    acc = accumulate_dtype(logits.dtype)
+    parts = torch.split(logits, list(level_sizes), dim=1)
+    weights = _level_weights(theta.to(acc), len(level_sizes))
+    psi_t = psi_t.to(acc)
+    out = weights[-1] * torch.softmax(parts[-1].to(acc), dim=1)
+    offset = 0
+    for level, part in enumerate(parts[:-1]):
+        size = level_sizes[level]
+        z = torch.softmax(part.to(acc), dim=1)
+        out = out + weights[level] * (z @ psi_t[:, offset : offset + size].t())
+        offset += size
+    return out.to(logits.dtype)
+
+
+def topk_tree_decomposed(
+    logits: Tensor, group_index: Tensor, group_value: Tensor, theta: Tensor, level_sizes: Sequence[int], k: int
+) -> tuple[Tensor, Tensor]:
+    """:func:`lmm_topk_tree` in standard ops (the full ``[B, N]`` mixture, then
+    ``torch.topk``)."""
+    proba = predict_proba_tree_decomposed(logits, group_index, group_value, theta, level_sizes)
+    # a plain tuple, as the op returns (torch.export.save cannot serialise
+    # torch.return_types.topk outputs)
+    values, indices = torch.topk(proba, int(k), dim=1)
+    return values, indices
+
+
+def gather_scores_decomposed(x: Tensor, weight: Tensor, bias: Tensor | None, rows: Tensor) -> Tensor:
+    """:func:`lmm_gather_scores` in standard ops (gathers a ``[B, C, d]`` copy of
+    the rows)."""
+    safe = rows.clamp_min(0)
+    out = torch.matmul(weight[safe], x.unsqueeze(2)).squeeze(2)
+    if bias is not None:
+        out = out + bias[safe]
+    return out.masked_fill(rows < 0, float("-inf"))
 
 
 @torch.library.register_fake("lmm_fast::lmm_gather_scores")
