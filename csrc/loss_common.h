@@ -266,20 +266,21 @@ LMM_FAST_HD A tiny_mixture() { return sizeof(A) == sizeof(float) ? A(1e-30f) : A
 // theta_L p_c as a number, upper = sum_{l<L} theta_l m^l_c.
 template <typename A>
 struct ClassMixture {
-  A log_z;         // log z_c
+  A log_z;         // log z_c (0 when not asked for and z_c is not tiny)
   A inv_z;         // 1 / z_c (capped for vanishing z_c)
   A bottom_ratio;  // p_c / z_c
 };
 
 template <typename A>
-LMM_FAST_HD ClassMixture<A> class_mixture(A log_theta_bottom, A log_p, A p, A theta_bottom, A upper) {
+LMM_FAST_HD ClassMixture<A> class_mixture(A log_theta_bottom, A log_p, A p, A theta_bottom, A upper,
+                                          bool want_log = true) {
   using std::exp;
   using std::log;
   const A tiny = tiny_mixture<A>();
   const A z = theta_bottom * p + upper;
   ClassMixture<A> out;
   if (z > tiny) {
-    out.log_z = log(z);
+    out.log_z = want_log ? log(z) : A(0);  // the backward needs only 1 / z here
     out.inv_z = A(1) / z;
     out.bottom_ratio = p * out.inv_z;
   } else {

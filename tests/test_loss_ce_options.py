@@ -280,10 +280,11 @@ def test_cuda_autocast_returns_float32():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("sizes", [[3, 10, 57], [6200, 6300, 6400]])
+@pytest.mark.parametrize("sizes", [[3, 10, 57], [2000, 3200, 6400], [5200, 5300, 6400]])
 def test_cuda_weight_and_smoothing_match_cpu(dtype, sizes):
-    """The second layout's upper groups exceed the shared-memory buffers: the
-    CUDA smoothing pass falls back to its global scratch."""
+    """Per-group buffers of the smoothing pass in shared memory (first
+    layout), in global scratch for the backward only (second, float32) and
+    for both passes (third)."""
     gen = torch.Generator().manual_seed(43)
     logits, target, psi = random_problem(5, sizes, dtype=dtype, dense=True, generator=gen)
     target[1] = -100

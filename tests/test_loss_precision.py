@@ -10,6 +10,7 @@ magnitude: at large scales plain PyTorch's gradient is exactly one-hot
 import pytest
 import torch
 
+import lmm_fast
 import lmm_fast.testing
 from lmm_fast import FusedLMMLoss
 from lmm_fast.reference.loss import lmm_loss_reference, predict_proba_reference
@@ -86,3 +87,7 @@ def test_predict_proba_within_twice_plain_float32(device, dense, scale):
     ours = loss_fn.predict_proba(x32.to(device)).double().cpu()
     theirs = (plain.double() - truth).abs().max().item()
     assert (ours - truth).abs().max().item() <= 2 * theirs + ULP
+    values, classes = lmm_fast.predict_topk(x32.to(device), loss_fn, k=5)
+    want = truth.gather(1, classes.cpu())
+    assert (values.double().cpu() - want).abs().max().item() <= 2 * theirs + ULP
+    assert (want[:, :-1] >= want[:, 1:] - 2 * theirs - ULP).all(), "top-k must come best first"

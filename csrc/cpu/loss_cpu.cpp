@@ -110,12 +110,26 @@ LMM_FAST_INLINE void upper_softmax(const LossArgs<T, A>& a, const T* row, const 
   }
 }
 
+// The bottom level's softmax of a row as the class pass reads it.
+template <typename A>
+struct BottomSoftmax {
+  A max, log_sum, inv_sum;
+};
+
+template <typename A>
+LMM_FAST_INLINE BottomSoftmax<A> bottom_softmax(const LossGeometry& g, const A* stats) {
+  const int64_t L = g.num_levels();
+  const A sum = stats[stat_index(0, kStatSum, L - 1, L)];
+  return {stats[stat_index(0, kStatMax, L - 1, L)], std::log(sum), A(1) / sum};
+}
+
 // Class c's mixture z_c = sum_l theta_l m^l_c of a row; votes[l] gets m^l_c
-// of every upper level.
+// of every upper level, *p_out the bottom softmax probability.
 template <typename T, typename A>
-LMM_FAST_INLINE ClassMixture<A> row_class_mixture(const LossArgs<T, A>& a, const T* row, const A* stats,
-                                                  const A* theta, const A* log_theta, const A* se,
-                                                  int64_t c, A* votes, A* p_out) {
+LMM_FAST_INLINE ClassMixture<A> row_class_mixture(const LossArgs<T, A>& a, const T* row,
+                                                  const BottomSoftmax<A>& bottom, const A* theta,
+                                                  const A* log_theta, const A* se, int64_t c,
+                                                  A* votes, A* p_out, bool want_log) {
   const LossGeometry& g = *a.geo;
   const int64_t L = g.num_levels();
   const A* psi_row = a.psi_t + c * g.upper_width;
@@ -124,13 +138,10 @@ LMM_FAST_INLINE ClassMixture<A> row_class_mixture(const LossArgs<T, A>& a, const
     votes[l] = dot<A>(psi_row + g.offsets[l], se + g.offsets[l], g.sizes[l]);
     upper += theta[l] * votes[l];
   }
-  const A logit = static_cast<A>(row[g.offsets[L - 1] + c]);
-  const A max = stats[stat_index(0, kStatMax, L - 1, L)];
-  const A sum = stats[stat_index(0, kStatSum, L - 1, L)];
-  const A log_p = log_softmax_of(logit, max, std::log(sum));
-  const A p = exp_approx(logit - max) / sum;
+  const A shifted = static_cast<A>(row[g.offsets[L - 1] + c]) - bottom.max;
+  const A p = exp_approx(shifted) * bottom.inv_sum;
   *p_out = p;
-  return class_mixture<A>(log_theta[L - 1], log_p, p, theta[L - 1], upper);
+  return class_mixture<A>(log_theta[L - 1], shifted - bottom.log_sum, p, theta[L - 1], upper, want_log);
 }
 
 // The label-smoothing pass of the forward over one row's classes: returns
@@ -144,11 +155,12 @@ LMM_FAST_INLINE A smoothing_forward(const LossArgs<T, A>& a, const T* row, A* st
   A* votes = scratch + 2 * g.upper_width;
   A* ratio_sum = votes + L;
   upper_softmax(a, row, stats, se);
+  const BottomSoftmax<A> bottom = bottom_softmax(g, stats);
   for (int64_t l = 0; l < L; ++l) ratio_sum[l] = A(0);
   A smooth = 0;
   for (int64_t c = 0; c < g.num_classes; ++c) {
     A p;
-    const ClassMixture<A> cm = row_class_mixture(a, row, stats, theta, log_theta, se, c, votes, &p);
+    const ClassMixture<A> cm = row_class_mixture(a, row, bottom, theta, log_theta, se, c, votes, &p, true);
     const A w = a.class_weight == nullptr ? A(1) : a.class_weight[c];
     smooth += w * cm.log_z;
     for (int64_t l = 0; l + 1 < L; ++l) ratio_sum[l] += w * votes[l] * cm.inv_z;
@@ -218,11 +230,12 @@ LMM_FAST_INLINE void smoothing_backward_classes(const LossArgs<T, A>& a, int64_t
   A* q = scratch + g.upper_width;
   A* votes = scratch + 2 * g.upper_width;
   upper_softmax(a, row, stats, se);
+  const BottomSoftmax<A> bottom = bottom_softmax(g, stats);
   for (int64_t j = 0; j < g.upper_width; ++j) q[j] = A(0);
   const A bottom_ratio_sum = stats[stat_index(0, kStatSmooth, L - 1, L)];
   for (int64_t c = 0; c < g.num_classes; ++c) {
     A p;
-    const ClassMixture<A> cm = row_class_mixture(a, row, stats, theta, log_theta, se, c, votes, &p);
+    const ClassMixture<A> cm = row_class_mixture(a, row, bottom, theta, log_theta, se, c, votes, &p, false);
     const A w = a.class_weight == nullptr ? A(1) : a.class_weight[c];
     const A u = w * cm.inv_z;
     const A* psi_row = a.psi_t + c * g.upper_width;

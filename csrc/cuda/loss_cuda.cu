@@ -38,7 +38,9 @@ constexpr int kUnroll = 4;
 
 // Per-group scratch of the label-smoothing pass: dynamic shared memory when
 // it fits, else a global [B, k * upper_width] buffer passed as `scratch`.
-constexpr size_t kMaxSmoothingSharedBytes = 48 * 1024;
+// Below the 48 KiB a block may use without opting in, leaving room for the
+// reductions' static shared memory.
+constexpr size_t kMaxSmoothingSharedBytes = 40 * 1024;
 
 template <typename A>
 __device__ __forceinline__ A* smoothing_buffer(A* scratch, int64_t row, int64_t per_row) {
@@ -61,11 +63,13 @@ __device__ __forceinline__ void upper_softmax(const T* row, const A* psi_scale, 
 }
 
 // Class c's mixture z_c = sum_l theta_l m^l_c; votes[l] gets m^l_c of every
-// upper level, *p the bottom softmax probability.
+// upper level, *p the bottom softmax probability (bottom_log_sum: log of the
+// bottom level's sum, computed once per row).
 template <typename T, typename A>
 __device__ __forceinline__ ClassMixture<A> class_mixture_at(
     const T* row, const A* psi_t, const DeviceLevels& info, const A* theta, const A* log_theta,
-    const A* level_max, const A* level_sum, const A* se, int64_t c, A* votes, A* p) {
+    const A* level_max, const A* level_sum, A bottom_log_sum, const A* se, int64_t c, A* votes, A* p,
+    bool want_log) {
   const int L = info.num_levels;
   const A* psi_row = psi_t + c * info.upper_width;
   A upper = 0;
@@ -75,10 +79,9 @@ __device__ __forceinline__ ClassMixture<A> class_mixture_at(
     votes[l] = m;
     upper += theta[l] * m;
   }
-  const A logit = static_cast<A>(row[info.offsets[L - 1] + c]);
-  const A log_p = log_softmax_of(logit, level_max[L - 1], A(log(level_sum[L - 1])));
-  *p = fast_exp(logit - level_max[L - 1]) / level_sum[L - 1];
-  return class_mixture<A>(log_theta[L - 1], log_p, *p, theta[L - 1], upper);
+  const A shifted = static_cast<A>(row[info.offsets[L - 1] + c]) - level_max[L - 1];
+  *p = fast_exp(shifted) / level_sum[L - 1];
+  return class_mixture<A>(log_theta[L - 1], shifted - bottom_log_sum, *p, theta[L - 1], upper, want_log);
 }
 
 template <typename T, typename A>
@@ -172,10 +175,11 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
     __syncthreads();
     A ratio_sum[kMaxLevels];
     for (int l = 0; l < L; ++l) ratio_sum[l] = A(0);
+    const A bottom_log_sum = log(level_sum[L - 1]);
     for (int64_t c = threadIdx.x; c < info.num_classes; c += kThreads) {
       A votes[kMaxLevels], p;
-      const ClassMixture<A> cm =
-          class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum, se, c, votes, &p);
+      const ClassMixture<A> cm = class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum,
+                                                  bottom_log_sum, se, c, votes, &p, true);
       const A w = class_weight == nullptr ? A(1) : class_weight[c];
       smooth += w * cm.log_z;
       for (int l = 0; l + 1 < L; ++l) ratio_sum[l] += w * votes[l] * cm.inv_z;
@@ -237,10 +241,11 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
     const A r_bottom = exp(log_theta[L - 1] + log_m[b * L + L - 1] - log_z);
     const A bottom_ratio_sum = stats[stat_index(b, kStatSmooth, L - 1, L)];
     T* bottom_grad = out + info.offsets[L - 1];
+    const A bottom_log_sum = log(level_sum[L - 1]);
     for (int64_t c = threadIdx.x; c < info.num_classes; c += kThreads) {
       A votes[kMaxLevels], p;
-      const ClassMixture<A> cm =
-          class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum, se, c, votes, &p);
+      const ClassMixture<A> cm = class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum,
+                                                  bottom_log_sum, se, c, votes, &p, false);
       const A w = class_weight == nullptr ? A(1) : class_weight[c];
       const A u = w * cm.inv_z;
       const A* psi_row = psi_t + c * info.upper_width;
