@@ -20,24 +20,32 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(lmm_fast, m) {
   // Fused level-wise mixture loss. logits: [B, sum(level_sizes)] packed top
   // level first; psi_t: [N, sum(upper level sizes)], row y holds column y of
-  // every upper level's Psi (class-major); theta: [L]. Returns the per-row
-  // loss [B] and the per-row, per-level statistics the backward needs:
-  // lse [B, L] (log-sum-exp of each level's logits) and log_m [B, L]
-  // (log of each level's vote for the target class).
+  // every upper level's Psi (class-major); theta: [L] or [B, L]. Returns the
+  // per-row loss [B], the per-row, per-level statistics the backward needs,
+  // lse [B, 5 * L] (five blocks of L per row: the level's maximum logit and log sum exp(a - max), the
+  // same over the target's groups weighted by Psi, and with label smoothing
+  // sum_c w_c m^l_c / z_c; see loss_common.h),
+  // and log_m [B, L] (log of each level's vote for the target class).
   // psi_scale, when given: [sum(upper level sizes)] per-group factors, the
   // effective Psi^l[t, y] being psi_t[y, t] * psi_scale[t] (lets the Gibbs
   // adaptation keep unnormalised counts in psi_t and renormalise a group by
   // writing one number).
+  // weight [N] and label_smoothing eps, as in F.cross_entropy: the loss is
+  // (1 - eps) w_y (-log z_y) + (eps / N) sum_c w_c (-log z_c), with z_c the
+  // mixture's probability of class c (eps > 0 costs O(N * sum(upper sizes))
+  // per row, without a [B, N] temporary).
   m.def(
       "lmm_loss_forward(Tensor logits, Tensor target, Tensor psi_t, "
-      "Tensor theta, int[] level_sizes, int ignore_index, Tensor? psi_scale=None) "
+      "Tensor theta, int[] level_sizes, int ignore_index, Tensor? psi_scale=None, "
+      "Tensor? weight=None, float label_smoothing=0.0) "
       "-> (Tensor loss, Tensor lse, Tensor log_m)");
   // Gradient of sum(grad_loss * loss) with respect to the logits, written in
   // one read of the logits from the statistics the forward saved.
   m.def(
       "lmm_loss_backward(Tensor grad_loss, Tensor logits, Tensor target, "
       "Tensor psi_t, Tensor theta, Tensor lse, Tensor log_m, "
-      "int[] level_sizes, int ignore_index, Tensor? psi_scale=None) -> Tensor");
+      "int[] level_sizes, int ignore_index, Tensor? psi_scale=None, "
+      "Tensor? weight=None, float label_smoothing=0.0) -> Tensor");
   // Collapsed Gibbs draw of the group labels (paper Eq. 4) of a mini-batch at
   // every upper level, each image conditioned on counts that exclude only
   // itself. logits: packed [B, sum(level_sizes)] or the upper levels only;

@@ -1,13 +1,23 @@
-// Host-side argument checks shared by the CPU and CUDA loss kernels.
+// Host-side argument checks and the per-row math shared by the CPU and CUDA
+// loss kernels (the math is __host__ __device__ under nvcc).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 #include <optional>
+#include <string>
 #include <vector>
+
+#if defined(__CUDACC__)
+#define LMM_FAST_HD __host__ __device__ __forceinline__
+#else
+#define LMM_FAST_HD inline
+#endif
 
 namespace lmm_fast {
 
@@ -137,12 +147,14 @@ inline at::Tensor check_psi_scale(const std::optional<at::Tensor>& psi_scale,
   return s.contiguous();
 }
 
+// stats: [batch, rows * levels]: log_m (rows = 1) or the saved row
+// statistics lse (rows = kStatRows).
 inline void check_stats(const at::Tensor& stats, const char* name,
-                        const LossGeometry& g, const at::Tensor& logits) {
+                        const LossGeometry& g, const at::Tensor& logits, int64_t rows = 1) {
   TORCH_CHECK(stats.dim() == 2 && stats.size(0) == g.batch &&
-                  stats.size(1) == g.num_levels(),
-      "lmm_fast: ", name, " must be [batch, levels] = [", g.batch, ", ",
-      g.num_levels(), "], got ", stats.sizes());
+                  stats.size(1) == rows * g.num_levels(),
+      "lmm_fast: ", name, " must be [batch, ", (rows > 1 ? std::to_string(rows) + " * " : std::string()),
+      "levels] = [", g.batch, ", ", rows * g.num_levels(), "], got ", stats.sizes());
   TORCH_CHECK(stats.scalar_type() == accumulate_type(logits.scalar_type()),
       "lmm_fast: ", name, " must be ", accumulate_type(logits.scalar_type()),
       ", got ", stats.scalar_type());
@@ -154,6 +166,132 @@ inline void check_stats(const at::Tensor& stats, const char* name,
 inline at::Tensor rows_contiguous(const at::Tensor& logits) {
   if (logits.size(1) <= 1 || logits.stride(1) == 1) return logits;
   return logits.contiguous();
+}
+
+// Optional per-class weights [N] of the loss (nn.CrossEntropyLoss's weight);
+// returns a contiguous tensor, undefined when absent.
+inline at::Tensor check_class_weight(const std::optional<at::Tensor>& weight,
+                                     const LossGeometry& g, const at::Tensor& logits) {
+  if (!weight.has_value() || !weight->defined()) return at::Tensor();
+  const at::Tensor& w = *weight;
+  TORCH_CHECK(w.dim() == 1 && w.size(0) == g.num_classes,
+      "lmm_fast: weight must be [N] = [", g.num_classes, "] (one weight per class), got shape ",
+      w.sizes());
+  TORCH_CHECK(w.scalar_type() == accumulate_type(logits.scalar_type()),
+      "lmm_fast: weight must be ", accumulate_type(logits.scalar_type()), " for ",
+      logits.scalar_type(), " logits, got ", w.scalar_type());
+  TORCH_CHECK(w.device() == logits.device(),
+      "lmm_fast: weight must be on ", logits.device(), ", got ", w.device());
+  return w.contiguous();
+}
+
+inline void check_label_smoothing(double label_smoothing) {
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+      "lmm_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
+}
+
+// ------------------------------------------------------------ per-row math
+//
+// The forward saves, per row and level, kStatRows statistics (the op's `lse`
+// output, [B, kStatRows * L]: kStatRows blocks of L per row):
+//   kStatMax, kStatSum: the level's largest logit and sum_t exp(a_t - max)
+//       (in [1, N_l]), its log-sum-exp in two parts;
+//   kStatGroupMax, kStatGroupSum: the same restricted to the groups that hold
+//       the target y, weighted by Psi[t, y] (for the bottom level: a_y and 1),
+//       so that log m^l_y = (group_max - max) + log(group_sum / sum);
+//   kStatSmooth: with label smoothing, sum_c w_c m^l_c / z_c (the smoothing
+//       term's theta-gradient up to -eps/N); 0 without.
+// No large sum is ever formed: a float32 max of 1e8 has an ulp of 8, so max +
+// log(sum) would round the log away (and with it every Psi weight). Each
+// difference of logits is taken first and the sums divide, as softmax does:
+// the backward's z_t is exp(a_t - max) / sum and its target term z_t Psi[t, y]
+// / m^l_y is Psi[t, y] exp(a_t - group_max) / group_sum, never the exp of a
+// difference of two huge logs.
+constexpr int kStatRows = 5;
+constexpr int kStatMax = 0;
+constexpr int kStatSum = 1;
+constexpr int kStatGroupMax = 2;
+constexpr int kStatGroupSum = 3;
+constexpr int kStatSmooth = 4;
+
+LMM_FAST_HD int64_t stat_index(int64_t row, int stat, int64_t level, int64_t num_levels) {
+  return (row * kStatRows + stat) * num_levels + level;
+}
+
+template <typename A>
+LMM_FAST_HD A log_add(A a, A b) {
+  using std::exp;
+  using std::log1p;
+  if (a == -std::numeric_limits<A>::infinity()) return b;
+  if (b == -std::numeric_limits<A>::infinity()) return a;
+  const A hi = a > b ? a : b;
+  const A lo = a > b ? b : a;
+  return hi + log1p(exp(lo - hi));
+}
+
+// log softmax(a)_t of a level from its (max, log of the sum): the maximum
+// is subtracted first, as log_softmax does.
+template <typename A>
+LMM_FAST_HD A log_softmax_of(A logit, A level_max, A level_log_sum) {
+  return (logit - level_max) - level_log_sum;
+}
+
+// log m^l_y of a level from the log-sum-exp restricted to the groups that
+// hold y (group_max, group_sum = sum_t Psi[t, y] exp(a_t - group_max)) and
+// the level's own: every large term cancels before the small ones are added.
+template <typename A>
+LMM_FAST_HD A relative_vote(A group_max, A group_sum, A level_max, A level_sum) {
+  using std::log;
+  if (group_max == -std::numeric_limits<A>::infinity()) return group_max;
+  return (group_max - level_max) + log(group_sum / level_sum);
+}
+
+// The per-row loss of a class-index target as F.cross_entropy(weight,
+// label_smoothing) forms it: (1 - eps) w_y (-log z_y) + (eps / N) sum_c w_c
+// (-log z_c); smooth_sum is sum_c w_c log z_c (unused when eps == 0).
+template <typename A>
+LMM_FAST_HD A combine_loss(A log_z_y, A weight_y, A eps, A smooth_sum, int64_t num_classes) {
+  const A nll = -log_z_y * weight_y;
+  if (eps == A(0)) return nll;
+  return (A(1) - eps) * nll - eps * smooth_sum / static_cast<A>(num_classes);
+}
+
+// Below this, a class's mixture probability is rebuilt in log space, and its
+// inverse (the smoothing gradient's weight) is capped at 1 / kTinyMixture.
+template <typename A>
+LMM_FAST_HD A tiny_mixture() { return sizeof(A) == sizeof(float) ? A(1e-30f) : A(1e-290); }
+
+// One class c of the label-smoothing term: z_c = theta_L p_c + upper, where
+// log_bottom = log theta_L + log p_c (p_c: bottom softmax), bottom =
+// theta_L p_c as a number, upper = sum_{l<L} theta_l m^l_c.
+template <typename A>
+struct ClassMixture {
+  A log_z;         // log z_c (0 when not asked for and z_c is not tiny)
+  A inv_z;         // 1 / z_c (capped for vanishing z_c)
+  A bottom_ratio;  // p_c / z_c
+};
+
+template <typename A>
+LMM_FAST_HD ClassMixture<A> class_mixture(A log_theta_bottom, A log_p, A p, A theta_bottom, A upper,
+                                          bool want_log = true) {
+  using std::exp;
+  using std::log;
+  const A tiny = tiny_mixture<A>();
+  const A z = theta_bottom * p + upper;
+  ClassMixture<A> out;
+  if (z > tiny) {
+    out.log_z = want_log ? log(z) : A(0);  // the backward needs only 1 / z here
+    out.inv_z = A(1) / z;
+    out.bottom_ratio = p * out.inv_z;
+  } else {
+    // Both shares may have underflowed: keep the bottom level's in log space,
+    // which also keeps F.cross_entropy's value at theta = (0, ..., 0, 1).
+    const A log_bottom = log_theta_bottom + log_p;
+    out.log_z = upper > A(0) ? log_add(log_bottom, A(log(upper))) : log_bottom;
+    out.inv_z = A(1) / tiny;
+    out.bottom_ratio = exp(log_p - out.log_z);
+  }
+  return out;
 }
 
 }  // namespace lmm_fast

@@ -104,6 +104,18 @@ def test_a_run_without_adapter_or_optimizer_and_the_file_is_weights_only(tmp_pat
     assert torch.equal(back.head.predict_proba(x, back.loss_fn), head.predict_proba(x, loss_fn))
 
 
+def test_the_loss_options_of_cross_entropy_survive_a_checkpoint(tmp_path):
+    h = hierarchy()
+    head = LMMHead(D, h)
+    weight = torch.rand(N) + 0.5
+    loss_fn = FusedLMMLoss.from_hierarchy(h, weight=weight, label_smoothing=0.1)
+    lmm_fast.save_checkpoint(tmp_path / "model.pt", head=head, loss_fn=loss_fn)
+    back = lmm_fast.load_checkpoint(tmp_path / "model.pt")
+    assert back.loss_fn.label_smoothing == 0.1 and torch.equal(back.loss_fn.weight, loss_fn.weight)
+    x, y = torch.randn(5, D), torch.randint(0, N, (5,))
+    assert torch.equal(back.loss_fn(back.head(x), y), loss_fn(head(x), y))
+
+
 def test_bad_content_and_bad_files_are_refused(tmp_path):
     h = hierarchy()
     head, loss_fn = LMMHead(D, h), FusedLMMLoss.from_hierarchy(h)

@@ -198,5 +198,26 @@ LMM_FAST_INLINE float exp_store_sum<float, float>(const float* x, int64_t n, flo
   return s;
 }
 
+// sum_i a[i] * b[i].
+template <typename A>
+LMM_FAST_INLINE A dot(const A* a, const A* b, int64_t n) {
+  A s = 0;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+template <>
+LMM_FAST_INLINE float dot<float>(const float* a, const float* b, int64_t n) {
+  f32x8 a0 = splat8(0.0f), a1 = a0;
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    a0 += load8(a + i) * load8(b + i);
+    a1 += load8(a + i + 8) * load8(b + i + 8);
+  }
+  float s = hsum8(a0 + a1);
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
 }  // namespace vec
 }  // namespace lmm_fast

@@ -116,5 +116,19 @@ __device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) 
   __syncthreads();
 }
 
+// Block-wide sum; every thread gets the result. Every thread of the block
+// must call it (it synchronises, and leaves the shared buffer free).
+template <typename A>
+__device__ __forceinline__ A block_sum(A v) {
+  __shared__ A shared[kThreads / 32];
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  A total = A(0);
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  __syncthreads();
+  return total;
+}
+
 }  // namespace cuda
 }  // namespace lmm_fast

@@ -5,7 +5,9 @@
 // upper levels, a second pair restricted to the groups that hold the target
 // class (their weighted log-sum-exp is the level's vote). The backward reads
 // the logits once more and writes the gradient. Accumulation is float32 for
-// float32/bfloat16/float16 logits and float64 for float64 logits.
+// float32/bfloat16/float16 logits and float64 for float64 logits; the row
+// statistics and the per-row math are loss_common.h's, shared with the CPU.
+// With label smoothing, each block also visits every class of its row.
 #include <ATen/core/Tensor.h>
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
@@ -24,50 +26,93 @@ namespace lmm_fast {
 namespace {
 
 using cuda::add_lse;
+using cuda::block_sum;
 using cuda::block_merge_lse;
 using cuda::DeviceLevels;
 using cuda::fast_exp;
+using cuda::kMaxLevels;
 using cuda::kThreads;
 using cuda::neg_inf;
 
 constexpr int kUnroll = 4;
 
+// Per-group scratch of the label-smoothing pass: dynamic shared memory when
+// it fits, else a global [B, k * upper_width] buffer passed as `scratch`.
+// Below the 48 KiB a block may use without opting in, leaving room for the
+// reductions' static shared memory.
+constexpr size_t kMaxSmoothingSharedBytes = 40 * 1024;
+
 template <typename A>
-__device__ __forceinline__ A log_add(A a, A b) {
-  if (a == neg_inf<A>()) return b;
-  if (b == neg_inf<A>()) return a;
-  A hi = a > b ? a : b;
-  A lo = a > b ? b : a;
-  return hi + log1p(exp(lo - hi));
+__device__ __forceinline__ A* smoothing_buffer(A* scratch, int64_t row, int64_t per_row) {
+  extern __shared__ __align__(16) unsigned char shared_raw[];
+  return scratch != nullptr ? scratch + row * per_row : reinterpret_cast<A*>(shared_raw);
+}
+
+// se[j] = Psi factor * softmax probability of every upper group j of a row.
+template <typename T, typename A>
+__device__ __forceinline__ void upper_softmax(const T* row, const A* psi_scale, const DeviceLevels& info,
+                                              const A* level_max, const A* level_sum, A* se) {
+  for (int l = 0; l + 1 < info.num_levels; ++l) {
+    const A inv_sum = A(1) / level_sum[l];
+    for (int64_t t = threadIdx.x; t < info.sizes[l]; t += kThreads) {
+      const int64_t j = info.offsets[l] + t;
+      const A e = fast_exp(static_cast<A>(row[j]) - level_max[l]) * inv_sum;
+      se[j] = psi_scale == nullptr ? e : e * psi_scale[j];
+    }
+  }
+}
+
+// Class c's mixture z_c = sum_l theta_l m^l_c; votes[l] gets m^l_c of every
+// upper level, *p the bottom softmax probability (bottom_log_sum: log of the
+// bottom level's sum, computed once per row).
+template <typename T, typename A>
+__device__ __forceinline__ ClassMixture<A> class_mixture_at(
+    const T* row, const A* psi_t, const DeviceLevels& info, const A* theta, const A* log_theta,
+    const A* level_max, const A* level_sum, A bottom_log_sum, const A* se, int64_t c, A* votes, A* p,
+    bool want_log) {
+  const int L = info.num_levels;
+  const A* psi_row = psi_t + c * info.upper_width;
+  A upper = 0;
+  for (int l = 0; l + 1 < L; ++l) {
+    A m = 0;
+    for (int64_t t = info.offsets[l]; t < info.offsets[l] + info.sizes[l]; ++t) m += psi_row[t] * se[t];
+    votes[l] = m;
+    upper += theta[l] * m;
+  }
+  const A shifted = static_cast<A>(row[info.offsets[L - 1] + c]) - level_max[L - 1];
+  *p = fast_exp(shifted) / level_sum[L - 1];
+  return class_mixture<A>(log_theta[L - 1], shifted - bottom_log_sum, *p, theta[L - 1], upper, want_log);
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
     const T* __restrict__ logits, int64_t row_stride, const int64_t* __restrict__ target,
-    const A* __restrict__ psi_t, const A* __restrict__ psi_scale,
-    const A* __restrict__ log_theta, DeviceLevels info, int64_t ignore_index, T* __restrict__ loss, A* __restrict__ lse_out, A* __restrict__ log_m_out) {
+    const A* __restrict__ psi_t, const A* __restrict__ psi_scale, const A* __restrict__ theta,
+    const A* __restrict__ log_theta, DeviceLevels info, int64_t ignore_index,
+    const A* __restrict__ class_weight, A eps, A* __restrict__ scratch,
+    T* __restrict__ loss, A* __restrict__ stats, A* __restrict__ log_m_out) {
   const int64_t b = blockIdx.x;
   const int L = info.num_levels;
   const int64_t y = target[b];
   if (y == ignore_index) {
     if (threadIdx.x == 0) {
       loss[b] = T(0);
-      for (int l = 0; l < L; ++l) {
-        lse_out[b * L + l] = A(0);
-        log_m_out[b * L + l] = A(0);
-      }
+      for (int k = 0; k < kStatRows * L; ++k) stats[b * kStatRows * L + k] = A(0);
+      for (int l = 0; l < L; ++l) log_m_out[b * L + l] = A(0);
     }
     return;
   }
   CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
   const T* row = logits + b * row_stride;
   const A* column = psi_t + y * info.upper_width;
+  theta += b * info.theta_row_stride;
   log_theta += b * info.theta_row_stride;
+  A level_max[kMaxLevels], level_sum[kMaxLevels];
   A log_z = neg_inf<A>();
   for (int l = 0; l < L; ++l) {
     const T* x = row + info.offsets[l];
     const int64_t n = info.sizes[l];
-    A level_lse, vote;
+    A group_max, group_sum;
     if (l == L - 1) {
       A m[1] = {neg_inf<A>()};
       A s[1] = {A(0)};
@@ -83,8 +128,10 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
         for (int u = 0; u < kUnroll; ++u) add_lse(m[0], s[0], v[u], A(1));
       }
       block_merge_lse<A, 1>(m, s);
-      level_lse = m[0] + log(s[0]);
-      vote = static_cast<A>(x[y]) - level_lse;
+      level_max[l] = m[0];
+      level_sum[l] = s[0];
+      group_max = static_cast<A>(x[y]);
+      group_sum = A(1);
     } else {
       const A* p = column + info.offsets[l];
       const A* scale = psi_scale == nullptr ? nullptr : psi_scale + info.offsets[l];
@@ -105,26 +152,58 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_forward_kernel(
         }
       }
       block_merge_lse<A, 2>(m, s);
-      level_lse = m[0] + log(s[0]);
-      vote = (m[1] == neg_inf<A>()) ? neg_inf<A>() : m[1] + log(s[1]) - level_lse;
+      level_max[l] = m[0];
+      level_sum[l] = s[0];
+      group_max = m[1];
+      group_sum = s[1];
     }
+    const A vote = relative_vote(group_max, group_sum, level_max[l], level_sum[l]);
     log_z = log_add(log_z, log_theta[l] + vote);
     if (threadIdx.x == 0) {
-      lse_out[b * L + l] = level_lse;
+      stats[stat_index(b, kStatMax, l, L)] = level_max[l];
+      stats[stat_index(b, kStatSum, l, L)] = level_sum[l];
+      stats[stat_index(b, kStatGroupMax, l, L)] = group_max;
+      stats[stat_index(b, kStatGroupSum, l, L)] = group_sum;
+      stats[stat_index(b, kStatSmooth, l, L)] = A(0);
       log_m_out[b * L + l] = vote;
     }
   }
-  if (threadIdx.x == 0) loss[b] = static_cast<T>(-log_z);
+  A smooth = 0;
+  if (eps > A(0)) {
+    A* se = smoothing_buffer(scratch, b, info.upper_width);
+    upper_softmax(row, psi_scale, info, level_max, level_sum, se);
+    __syncthreads();
+    A ratio_sum[kMaxLevels];
+    for (int l = 0; l < L; ++l) ratio_sum[l] = A(0);
+    const A bottom_log_sum = log(level_sum[L - 1]);
+    for (int64_t c = threadIdx.x; c < info.num_classes; c += kThreads) {
+      A votes[kMaxLevels], p;
+      const ClassMixture<A> cm = class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum,
+                                                  bottom_log_sum, se, c, votes, &p, true);
+      const A w = class_weight == nullptr ? A(1) : class_weight[c];
+      smooth += w * cm.log_z;
+      for (int l = 0; l + 1 < L; ++l) ratio_sum[l] += w * votes[l] * cm.inv_z;
+      ratio_sum[L - 1] += w * cm.bottom_ratio;
+    }
+    smooth = block_sum(smooth);
+    for (int l = 0; l < L; ++l) {
+      const A total = block_sum(ratio_sum[l]);
+      if (threadIdx.x == 0) stats[stat_index(b, kStatSmooth, l, L)] = total;
+    }
+  }
+  if (threadIdx.x == 0) {
+    const A weight_y = class_weight == nullptr ? A(1) : class_weight[y];
+    loss[b] = static_cast<T>(combine_loss(log_z, weight_y, eps, smooth, info.num_classes));
+  }
 }
 
 template <typename T, typename A>
 __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
     const T* __restrict__ grad_loss, const T* __restrict__ logits, int64_t row_stride,
     const int64_t* __restrict__ target, const A* __restrict__ psi_t,
-    const A* __restrict__ psi_scale, const A* __restrict__ log_theta, DeviceLevels info,
-    const A* __restrict__ lse,
-    const A* __restrict__ log_m, int64_t ignore_index,
-    T* __restrict__ grad) {
+    const A* __restrict__ psi_scale, const A* __restrict__ theta, const A* __restrict__ log_theta,
+    DeviceLevels info, const A* __restrict__ stats, const A* __restrict__ log_m, int64_t ignore_index,
+    const A* __restrict__ class_weight, A eps, A* __restrict__ scratch, T* __restrict__ grad) {
   const int64_t b = blockIdx.x;
   const int L = info.num_levels;
   const int64_t y = target[b];
@@ -137,17 +216,59 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
   CUDA_KERNEL_ASSERT(y >= 0 && y < info.num_classes && "lmm_fast: target out of range");
   const T* row = logits + b * row_stride;
   const A* column = psi_t + y * info.upper_width;
+  theta += b * info.theta_row_stride;
   log_theta += b * info.theta_row_stride;
   A log_z = neg_inf<A>();
   for (int l = 0; l < L; ++l) log_z = log_add(log_z, log_theta[l] + log_m[b * L + l]);
+  const A weight_y = class_weight == nullptr ? A(1) : class_weight[y];
+  const A nll_go = go * (A(1) - eps) * weight_y;
+  const A smooth_go = go * eps / static_cast<A>(info.num_classes);
+  A* se = nullptr;
+  A* q = nullptr;
+  if (eps > A(0)) {
+    // Every class at once: the bottom level's whole gradient, and in q[j]
+    // sum_c psi_t[c, j] w_c / z_c for the upper groups.
+    A level_max[kMaxLevels], level_sum[kMaxLevels];
+    for (int l = 0; l < L; ++l) {
+      level_max[l] = stats[stat_index(b, kStatMax, l, L)];
+      level_sum[l] = stats[stat_index(b, kStatSum, l, L)];
+    }
+    se = smoothing_buffer(scratch, b, 2 * info.upper_width);
+    q = se + info.upper_width;
+    upper_softmax(row, psi_scale, info, level_max, level_sum, se);
+    for (int64_t j = threadIdx.x; j < info.upper_width; j += kThreads) q[j] = A(0);
+    __syncthreads();
+    const A r_bottom = exp(log_theta[L - 1] + log_m[b * L + L - 1] - log_z);
+    const A bottom_ratio_sum = stats[stat_index(b, kStatSmooth, L - 1, L)];
+    T* bottom_grad = out + info.offsets[L - 1];
+    const A bottom_log_sum = log(level_sum[L - 1]);
+    for (int64_t c = threadIdx.x; c < info.num_classes; c += kThreads) {
+      A votes[kMaxLevels], p;
+      const ClassMixture<A> cm = class_mixture_at(row, psi_t, info, theta, log_theta, level_max, level_sum,
+                                                  bottom_log_sum, se, c, votes, &p, false);
+      const A w = class_weight == nullptr ? A(1) : class_weight[c];
+      const A u = w * cm.inv_z;
+      const A* psi_row = psi_t + c * info.upper_width;
+      for (int64_t j = 0; j < info.upper_width; ++j) {
+        if (psi_row[j] != A(0)) atomicAdd(q + j, u * psi_row[j]);
+      }
+      bottom_grad[c] = static_cast<T>(
+          nll_go * r_bottom * (c == y ? p - A(1) : p) -
+          smooth_go * theta[L - 1] * (w * cm.bottom_ratio - p * bottom_ratio_sum));
+    }
+    __syncthreads();
+  }
   for (int l = 0; l < L; ++l) {
     const T* x = row + info.offsets[l];
     T* gx = out + info.offsets[l];
     const int64_t n = info.sizes[l];
-    const A level_lse = lse[b * L + l];
+    const A max = stats[stat_index(b, kStatMax, l, L)];
+    const A inv_sum = A(1) / stats[stat_index(b, kStatSum, l, L)];
+    // r: this level's responsibility theta_l m_l / z for the target.
     const A r = exp(log_theta[l] + log_m[b * L + l] - log_z);
     if (l == L - 1) {
-      const A scaled = go * r;
+      if (eps > A(0)) continue;  // written with the smoothing pass
+      const A scaled = nll_go * r;
       for (int64_t base = threadIdx.x; base < n; base += kThreads * kUnroll) {
         A v[kUnroll];
 #pragma unroll
@@ -159,64 +280,106 @@ __global__ void __launch_bounds__(kThreads) lmm_loss_backward_kernel(
         for (int u = 0; u < kUnroll; ++u) {
           const int64_t t = base + u * kThreads;
           if (t < n) {
-            const A e = fast_exp(v[u] - level_lse);
+            const A e = fast_exp(v[u] - max) * inv_sum;
             gx[t] = static_cast<T>(scaled * (t == y ? e - A(1) : e));
           }
         }
       }
     } else {
+      // d/da_t = r (z_t - z_t Psi[t, y] / m_l), the target term relative to
+      // the target groups' own maximum (exact for extreme logits).
       const A* p = column + info.offsets[l];
       const A* scale = psi_scale == nullptr ? nullptr : psi_scale + info.offsets[l];
-      const A shift = log_theta[l] - log_z;
+      const A group_max = stats[stat_index(b, kStatGroupMax, l, L)];
+      const A inv_group_sum = A(1) / stats[stat_index(b, kStatGroupSum, l, L)];
+      const A ratio_sum = stats[stat_index(b, kStatSmooth, l, L)];
       for (int64_t t = threadIdx.x; t < n; t += kThreads) {
-        const A v = static_cast<A>(x[t]) - level_lse;
-        A val = r * fast_exp(v);
+        const A v = static_cast<A>(x[t]);
+        const A e = fast_exp(v - max) * inv_sum;
+        A val = e;
         const A w = scale == nullptr ? p[t] : p[t] * scale[t];
-        if (w > A(0)) val -= w * fast_exp(v + shift);
-        gx[t] = static_cast<T>(go * val);
+        if (w > A(0)) val -= w * fast_exp(v - group_max) * inv_group_sum;
+        val *= nll_go * r;
+        if (eps > A(0)) {
+          const int64_t j = info.offsets[l] + t;
+          val -= smooth_go * theta[l] * (se[j] * q[j] - e * ratio_sum);
+        }
+        gx[t] = static_cast<T>(val);
       }
     }
   }
 }
 
+// Launch shape of the label-smoothing pass: the dynamic shared memory of its
+// per-group buffers (buffers_per_group of them), or a global scratch buffer
+// when they do not fit.
+struct SmoothingLaunch {
+  size_t shared_bytes = 0;
+  at::Tensor scratch;
+};
+
+SmoothingLaunch smoothing_launch(const LossGeometry& g, double eps, int64_t buffers_per_group,
+                                 const at::Tensor& logits) {
+  SmoothingLaunch launch;
+  if (eps <= 0 || g.upper_width == 0) return launch;
+  const auto acc = accumulate_type(logits.scalar_type());
+  const size_t bytes = static_cast<size_t>(buffers_per_group * g.upper_width) * c10::elementSize(acc);
+  if (bytes <= kMaxSmoothingSharedBytes) {
+    launch.shared_bytes = bytes;
+  } else {
+    launch.scratch = at::empty({g.batch, buffers_per_group * g.upper_width}, logits.options().dtype(acc));
+  }
+  return launch;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cuda(
     const at::Tensor& logits_in, const at::Tensor& target_in, const at::Tensor& psi_t_in,
-    const at::Tensor& theta, c10::IntArrayRef level_sizes, int64_t ignore_index,
-    const std::optional<at::Tensor>& psi_scale_in) {
-  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+    const at::Tensor& theta_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
+    const std::optional<at::Tensor>& psi_scale_in, const std::optional<at::Tensor>& weight_in,
+    double label_smoothing) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta_in, level_sizes);
   const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
+  const at::Tensor weight = check_class_weight(weight_in, g, logits_in);
+  check_label_smoothing(label_smoothing);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();
   const auto acc = accumulate_type(logits.scalar_type());
   at::Tensor loss = at::empty({g.batch}, logits.options());
-  at::Tensor lse = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
+  at::Tensor stats = at::empty({g.batch, kStatRows * g.num_levels()}, logits.options().dtype(acc));
   at::Tensor log_m = at::empty({g.batch, g.num_levels()}, logits.options().dtype(acc));
-  if (g.batch == 0) return {loss, lse, log_m};
+  if (g.batch == 0) return {loss, stats, log_m};
+  const at::Tensor theta = theta_in.contiguous();
   const at::Tensor log_theta = theta.log().contiguous();
+  const SmoothingLaunch smoothing = smoothing_launch(g, label_smoothing, 1, logits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_forward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const DeviceLevels info = cuda::make_device_levels(g, "loss");
-    lmm_loss_forward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
+    lmm_loss_forward_kernel<scalar_t, A><<<g.batch, kThreads, smoothing.shared_bytes, stream>>>(
         logits.data_ptr<scalar_t>(), logits.stride(0), target.data_ptr<int64_t>(),
         psi_t.data_ptr<A>(), psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr,
-        log_theta.data_ptr<A>(), info, ignore_index, loss.data_ptr<scalar_t>(),
-        lse.data_ptr<A>(), log_m.data_ptr<A>());
+        theta.data_ptr<A>(), log_theta.data_ptr<A>(), info, ignore_index,
+        weight.defined() ? weight.data_ptr<A>() : nullptr, static_cast<A>(label_smoothing),
+        smoothing.scratch.defined() ? smoothing.scratch.data_ptr<A>() : nullptr,
+        loss.data_ptr<scalar_t>(), stats.data_ptr<A>(), log_m.data_ptr<A>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {loss, lse, log_m};
+  return {loss, stats, log_m};
 }
 
 at::Tensor lmm_loss_backward_cuda(
     const at::Tensor& grad_loss_in, const at::Tensor& logits_in, const at::Tensor& target_in,
-    const at::Tensor& psi_t_in, const at::Tensor& theta, const at::Tensor& lse_in,
+    const at::Tensor& psi_t_in, const at::Tensor& theta_in, const at::Tensor& stats_in,
     const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
-    const std::optional<at::Tensor>& psi_scale_in) {
-  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta, level_sizes);
+    const std::optional<at::Tensor>& psi_scale_in, const std::optional<at::Tensor>& weight_in,
+    double label_smoothing) {
+  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta_in, level_sizes);
   const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
-  check_stats(lse_in, "lse", g, logits_in);
+  const at::Tensor weight = check_class_weight(weight_in, g, logits_in);
+  check_label_smoothing(label_smoothing);
+  check_stats(stats_in, "lse", g, logits_in, kStatRows);
   check_stats(log_m_in, "log_m", g, logits_in);
   TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
       "lmm_fast: grad_loss must be [batch] = [", g.batch, "], got ", grad_loss_in.sizes());
@@ -230,21 +393,25 @@ at::Tensor lmm_loss_backward_cuda(
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();
   const at::Tensor grad_loss = grad_loss_in.contiguous();
-  const at::Tensor lse = lse_in.contiguous();
+  const at::Tensor stats = stats_in.contiguous();
   const at::Tensor log_m = log_m_in.contiguous();
   at::Tensor grad = at::empty({g.batch, g.width}, logits.options());
   if (g.batch == 0) return grad;
+  const at::Tensor theta = theta_in.contiguous();
   const at::Tensor log_theta = theta.log().contiguous();
+  const SmoothingLaunch smoothing = smoothing_launch(g, label_smoothing, 2, logits);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_loss_backward_cuda", [&] {
     using A = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
     const DeviceLevels info = cuda::make_device_levels(g, "loss");
-    lmm_loss_backward_kernel<scalar_t, A><<<g.batch, kThreads, 0, stream>>>(
+    lmm_loss_backward_kernel<scalar_t, A><<<g.batch, kThreads, smoothing.shared_bytes, stream>>>(
         grad_loss.data_ptr<scalar_t>(), logits.data_ptr<scalar_t>(), logits.stride(0),
         target.data_ptr<int64_t>(), psi_t.data_ptr<A>(),
-        psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr, log_theta.data_ptr<A>(), info,
-        lse.data_ptr<A>(),
-        log_m.data_ptr<A>(), ignore_index, grad.data_ptr<scalar_t>());
+        psi_scale.defined() ? psi_scale.data_ptr<A>() : nullptr, theta.data_ptr<A>(),
+        log_theta.data_ptr<A>(), info, stats.data_ptr<A>(), log_m.data_ptr<A>(), ignore_index,
+        weight.defined() ? weight.data_ptr<A>() : nullptr, static_cast<A>(label_smoothing),
+        smoothing.scratch.defined() ? smoothing.scratch.data_ptr<A>() : nullptr,
+        grad.data_ptr<scalar_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return grad;

@@ -46,7 +46,7 @@ FORMAT_VERSION = 1
 
 # FusedLMMLoss constructor arguments that are not tensors (the tensors are in
 # its state_dict).
-_LOSS_CONFIG = ("reduction", "ignore_index", "learn_theta")
+_LOSS_CONFIG = ("reduction", "ignore_index", "learn_theta", "label_smoothing")
 
 
 @dataclass
@@ -203,7 +203,9 @@ def _new_loss(saved: Mapping[str, Any]) -> FusedLMMLoss:
     n = sizes[-1]
     # placeholder Ψ of the right shapes; load_state_dict writes the saved one
     psi = [torch.full((k, n), 1.0 / n) for k in sizes[:-1]]
-    return FusedLMMLoss(psi, None, num_classes=n, **dict(saved["config"]))
+    # a class weight is a buffer only when given: a placeholder makes room for it
+    weight = torch.ones(n) if "weight" in saved["state"] else None
+    return FusedLMMLoss(psi, None, num_classes=n, weight=weight, **dict(saved["config"]))
 
 
 def load_checkpoint(

@@ -13,7 +13,7 @@ from lmm_fast.ops import loss as loss_ops
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy
 
-__all__ = ["FusedLMMLoss", "default_theta", "check_psi", "check_theta"]
+__all__ = ["FusedLMMLoss", "default_theta", "check_psi", "check_theta", "check_label_smoothing", "check_class_weight"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -87,6 +87,29 @@ def check_theta(theta: Tensor | Sequence[float], num_levels: int, atol: float = 
     return theta / total
 
 
+def check_label_smoothing(label_smoothing: float) -> float:
+    """Validate ``label_smoothing`` (a float in ``[0, 1]``)."""
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)):
+        raise TypeError(f"label_smoothing must be a float in [0, 1], got {type(label_smoothing).__name__}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing}")
+    return float(label_smoothing)
+
+
+def check_class_weight(weight: Tensor | Sequence[float] | None, num_classes: int) -> Tensor | None:
+    """Validate per-class weights (``None``, or ``[N]`` finite floats)."""
+    if weight is None:
+        return None
+    weight = torch.as_tensor(weight).detach()
+    if not weight.is_floating_point():
+        weight = weight.to(torch.float32)
+    if weight.shape != (num_classes,):
+        raise ValueError(f"weight must be [N] = [{num_classes}] (one weight per class), got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        raise ValueError("weight contains NaN or infinite entries")
+    return weight
+
+
 class FusedLMMLoss(nn.Module):
     r"""Level-wise mixture loss over a class hierarchy, a drop-in for
     ``nn.CrossEntropyLoss``.
@@ -107,11 +130,25 @@ class FusedLMMLoss(nn.Module):
         learn_theta: make θ a learned parameter, kept on the simplex by a
             softmax parametrisation (zero weights start at 1e-12).
         num_classes: ``N``; needed only when ``psi`` is empty (flat softmax).
+        weight: ``[N]`` class weights, as ``nn.CrossEntropyLoss``'s: row ``b``
+            weighs ``weight[target[b]]``, and ``"mean"`` divides by the sum of
+            the weights of the rows not ignored. A buffer (moved by ``.to()``).
+        label_smoothing: ``ε ∈ [0, 1]``, as ``nn.CrossEntropyLoss``'s, for the
+            mixture: the row's loss is ``(1−ε)·w_y·(−log z_y) +
+            (ε/N)·Σ_c w_c·(−log z_c)`` with ``z_c = Σ_l θ_l m^l_c``. Fused: the
+            kernels visit every class of a row (``O(N·ΣN_upper)`` per row, no
+            ``[B, N]`` temporary); ``ε = 0`` costs nothing.
 
     Shapes:
         logits: ``[B, N_1 + … + N_{L-1} + N]`` packed (top level first), or a
         list of ``[B, N_l]``; target: ``[B]`` integer classes; output: scalar,
-        or ``[B]`` for ``reduction="none"``.
+        or ``[B]`` for ``reduction="none"``. Probability targets ``[B, N]``
+        are refused (they need the whole ``[B, N]`` mixture): use
+        ``label_smoothing``, or for arbitrary soft targets
+        ``-(target * predict_proba_reference(...).log()).sum(1)`` from
+        :mod:`lmm_fast.reference.loss`.
+        Under ``torch.autocast`` the loss is computed and returned in float32,
+        as ``F.cross_entropy``'s.
 
     Ψ is held class-major in the buffer ``psi_t`` ``[N, ΣN_upper]`` (the loss
     reads one column of every Ψ^l per row), times per-group factors in the
@@ -131,6 +168,8 @@ class FusedLMMLoss(nn.Module):
         learn_theta: bool = False,
         *,
         num_classes: int | None = None,
+        weight: Tensor | None = None,
+        label_smoothing: float = 0.0,
     ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
@@ -165,6 +204,8 @@ class FusedLMMLoss(nn.Module):
             self.theta_logits = nn.Parameter(theta.clamp_min(1e-12).log())
         else:
             self.register_buffer("theta_fixed", theta)
+        self.label_smoothing = check_label_smoothing(label_smoothing)
+        self.register_buffer("weight", check_class_weight(weight, self.num_classes))
 
     # ------------------------------------------------------------------ state
     @property
@@ -352,6 +393,13 @@ class FusedLMMLoss(nn.Module):
     def _target(self, target: Tensor, batch: int) -> Tensor:
         if not isinstance(target, Tensor):
             raise TypeError(f"target must be a tensor of class indices, got {type(target).__name__}")
+        if target.is_floating_point() and target.dim() == 2:
+            raise ValueError(
+                f"target must be [B] class indices; probability targets {tuple(target.shape)} are not "
+                f"supported (they would need the whole [B, N] mixture). For smoothed one-hot targets pass "
+                f"label_smoothing=ε; for arbitrary soft targets compute "
+                f"-(target * lmm_fast.reference.loss.predict_proba_reference(logits, psi, theta).log()).sum(1)"
+            )
         if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices, got dtype {target.dtype}")
         if target.dim() != 1 or target.shape[0] != batch:
@@ -376,15 +424,11 @@ class FusedLMMLoss(nn.Module):
             theta = module_theta
         else:
             theta = self._row_theta(theta, logits.shape[0]).to(device=logits.device, dtype=module_theta.dtype)
-        loss, _, _ = loss_ops.lmm_loss_forward(
-            logits, target, psi_t, theta, self.level_sizes, self.ignore_index, self._psi_scale(logits)
+        weight = None if self.weight is None else self.weight.to(module_theta.dtype)
+        return loss_ops.lmm_loss(
+            logits, target, psi_t, theta, self.level_sizes, self.ignore_index, self._psi_scale(logits),
+            weight, self.label_smoothing, self.reduction,
         )
-        if self.reduction == "none":
-            return loss
-        if self.reduction == "sum":
-            return loss.sum()
-        count = (target != self.ignore_index).sum()
-        return loss.sum() / count.to(loss.dtype)
 
     def predict_proba(self, logits: Tensor | Sequence[Tensor]) -> Tensor:
         """``[B, N]`` class probabilities ``Σ_l θ_l softmax(a^l) Ψ^l``; rows sum to 1.
@@ -413,7 +457,9 @@ class FusedLMMLoss(nn.Module):
     def extra_repr(self) -> str:
         with torch.no_grad():
             theta = ", ".join(f"{float(t):.4g}" for t in self.theta.detach().cpu())
+        extra = f", label_smoothing={self.label_smoothing}" if self.label_smoothing else ""
+        extra += ", weight=[N]" if self.weight is not None else ""
         return (
             f"level_sizes={self.level_sizes}, theta=[{theta}], reduction={self.reduction!r}, "
-            f"ignore_index={self.ignore_index}, learn_theta={self.learn_theta}"
+            f"ignore_index={self.ignore_index}, learn_theta={self.learn_theta}{extra}"
         )
