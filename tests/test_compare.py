@@ -529,7 +529,7 @@ def test_decision_summary_pairs_by_seed_and_judges_the_targets():
     from lmm_fast.compare.decisions import decision_summary, format_decision_tables
 
     accuracy = fake_accuracy()
-    summary = decision_summary(accuracy)
+    summary = decision_summary(accuracy, {"flat": "flat softmax", "lmm": "LMM (fixed hierarchy)"})
     assert summary["settings"] == ["flat", "lmm"] and summary["targets"] == [0.9, 0.95, 0.99]
     block = summary["trees"]["semantic"]
     flat, lmm = accuracy["runs"]["flat"], accuracy["runs"]["lmm"]

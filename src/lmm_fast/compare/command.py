@@ -310,7 +310,7 @@ def run(args: argparse.Namespace) -> int:
                                    len(protocol.seeds)))
         from lmm_fast.compare.decisions import NO_TREE_NOTE, decision_summary, format_decision_tables
 
-        decisions = decision_summary(accuracy)
+        decisions = decision_summary(accuracy, {s: setting_label(s) for s in SETTINGS})
         if decisions:
             print()
             if task.semantic_tree is None:

@@ -126,11 +126,12 @@ def _crm_value(report: Mapping[str, float], key: str) -> float:
     return _hdist5(report) if key == "hdist5" else report[key]
 
 
-def decision_summary(accuracy: Mapping[str, Any]) -> dict[str, Any]:
+def decision_summary(accuracy: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Means ± std over seeds of the decision rows of ``accuracy`` (the output
     of :func:`lmm_fast.compare.protocol.accuracy_benchmark`), paired
     differences to the flat softmax ranked by probability, and the verdicts
-    on the issue's targets. Empty when no run carries decisions.
+    on the issue's targets. Empty when no run carries decisions. ``labels``:
+    the printed name of each setting (default: the setting itself).
 
     Per tree: ``crm[(setting, ranking)]`` with ranking ``"argmax"`` or
     ``"crm"``: each metric of :data:`CRM_METRICS` and ``delta_<metric>`` (to
@@ -149,7 +150,8 @@ def decision_summary(accuracy: Mapping[str, Any]) -> dict[str, Any]:
     first = runs[present[0]][0]["decisions"]
     targets = [row["target"] for row in first["trees"][next(iter(first["trees"]))]["hedge"] if row["rule"] == "hedge"]
     flat = {r["seed"]: r["decisions"] for r in runs.get("flat", []) if "decisions" in r}
-    out: dict[str, Any] = {"settings": present, "targets": targets, "trees": {}}
+    out: dict[str, Any] = {"settings": present, "targets": targets, "trees": {},
+                           "labels": {s: (labels or {}).get(s, s) for s in present}}
     for tree in first["trees"]:
         crm_rows: dict[tuple[str, str], dict[str, Any]] = {}
         hedge_rows: dict[tuple[str, str, float], dict[str, Any]] = {}
@@ -249,16 +251,11 @@ def _cell(stat: Mapping[str, Any], scale: float, digits: int, sign: bool = False
     return f"{mean} ± {scale * stat['std']:.{digits}f}" + ("*" if mark else (" " if sign else ""))
 
 
-def _label(setting: str) -> str:
-    from lmm_fast.compare.protocol import setting_label
-
-    return setting_label(setting)
-
-
 def format_decision_tables(summary: Mapping[str, Any], seeds: int) -> str:
     """The CRM and hedging tables of every tree, then the verdicts, as text."""
     if not summary:
         return ""
+    labels = summary["labels"]
     lines: list[str] = []
     scales = {"top1_error": (100, 2), "severity": (1, 3), "hdist1": (1, 3), "hdist5": (1, 3)}
     titles = {"top1_error": "top-1 err %", "severity": "severity", "hdist1": "dist@1", "hdist5": "dist@5"}
@@ -272,7 +269,7 @@ def format_decision_tables(summary: Mapping[str, Any], seeds: int) -> str:
         lines.append(head)
         lines.append("-" * len(head))
         for (setting, ranking), entry in block["crm"].items():
-            label = _label(setting) + (" + CRM" if ranking == "crm" else "")
+            label = labels[setting] + (" + CRM" if ranking == "crm" else "")
             row = f"{label:<36}" + "".join(f"{_cell(entry[k], *scales[k]):>16}" for k in CRM_METRICS)
             if "wins" in entry:
                 row += "".join(f"{_cell(entry[f'delta_{k}'], *scales[k], sign=True, mark=k in entry['wins']):>18}"
@@ -295,14 +292,14 @@ def format_decision_tables(summary: Mapping[str, Any], seeds: int) -> str:
                 for rule, rule_label in RULE_LABELS.items():
                     e = block["hedge"][(setting, rule, target)]
                     lines.append(
-                        f"{_label(setting):<30}{rule_label:<18}{100 * target:>6.0f}%{_cell(e['accuracy'], 100, 2):>16}"
+                        f"{labels[setting]:<30}{rule_label:<18}{100 * target:>6.0f}%{_cell(e['accuracy'], 100, 2):>16}"
                         f"{_cell(e['class_share'], 100, 1):>16}{_cell(e['mean_depth'], 1, 2):>16}"
                         f"{100 * e['guaranteed']['mean']:>13.2f}%{_cell(e['equal_class_share'], 100, 1):>24}"
                         f"{_cell(e['equal_mean_depth'], 1, 2):>22}"
                     )
         lines.append("")
         lines.append(f"Targets in {block['description']}:")
-        lines.extend("  " + line for line in _verdict_lines(block["verdict"], summary["settings"]))
+        lines.extend("  " + line for line in _verdict_lines(block["verdict"], summary["settings"], labels))
         lines.append("")
     return "\n".join(lines).rstrip()
 
@@ -311,7 +308,7 @@ def _yes(flag: bool) -> str:
     return "yes" if flag else "NO"
 
 
-def _verdict_lines(verdict: Mapping[str, Any], settings: Sequence[str]) -> list[str]:
+def _verdict_lines(verdict: Mapping[str, Any], settings: Sequence[str], labels: Mapping[str, str]) -> list[str]:
     lines = []
     flat_crm = verdict.get("flat_crm")
     if flat_crm:
@@ -322,7 +319,7 @@ def _verdict_lines(verdict: Mapping[str, Any], settings: Sequence[str]) -> list[
     target = verdict["hedge_target"]
     for setting in settings:
         v = verdict[f"hedge_{setting}"]
-        line = (f"{_label(setting)}, hedging at {100 * target:.0f} %: accuracy {100 * v['accuracy']:.2f} % "
+        line = (f"{labels[setting]}, hedging at {100 * target:.0f} %: accuracy {100 * v['accuracy']:.2f} % "
                 f"(within ±{100 * HEDGE_TOLERANCE:.1f} pts: {_yes(v['within'])}), class level {100 * v['class_share']:.1f} % "
                 f"(top class: {100 * v['top_class_share']:.1f} % at {100 * v['top_class_accuracy']:.2f} %); at equal "
                 f"accuracy {100 * v['equal_class_share']:.1f} % vs {100 * v['equal_top_class_share']:.1f} % for the "
@@ -330,7 +327,7 @@ def _verdict_lines(verdict: Mapping[str, Any], settings: Sequence[str]) -> list[
         lines.append(line)
         if "vs_flat" in v:
             d, s = v["vs_flat"]["mean_depth"], v["vs_flat"]["class_share"]
-            lines.append(f"{_label(setting)} vs flat posterior, hedging at equal accuracy ({100 * target:.0f} %): "
+            lines.append(f"{labels[setting]} vs flat posterior, hedging at equal accuracy ({100 * target:.0f} %): "
                          f"Δ mean depth {_cell(d, 1, 3, sign=True).strip()}, Δ class level "
                          f"{_cell(s, 100, 2, sign=True).strip()} pts -> hedges {v['vs_flat']['word']}")
     return lines
@@ -352,6 +349,7 @@ def write_decision_outputs(
     if not summary:
         return []
     os.makedirs(out_dir, exist_ok=True)
+    labels = summary["labels"]
     written = []
     path = os.path.join(out_dir, "decisions.csv")
     with open(path, "w", newline="", encoding="utf-8") as f:
@@ -359,13 +357,13 @@ def write_decision_outputs(
         writer.writerow(["tree", "setting", "label", "rule", "target", "metric", "mean", "std", "n_seeds"])
         for tree, block in summary["trees"].items():
             for (setting, ranking), entry in block["crm"].items():
-                label = _label(setting) + (" + CRM" if ranking == "crm" else "")
+                label = labels[setting] + (" + CRM" if ranking == "crm" else "")
                 for key, stat in entry.items():
                     if isinstance(stat, dict) and "mean" in stat:
                         writer.writerow([tree, setting, label, ranking, "", key, stat["mean"], stat["std"], stat["n"]])
             for (setting, rule, target), entry in block["hedge"].items():
                 for key, stat in entry.items():
-                    writer.writerow([tree, setting, _label(setting), rule, target, key, stat["mean"], stat["std"],
+                    writer.writerow([tree, setting, labels[setting], rule, target, key, stat["mean"], stat["std"],
                                      stat["n"]])
     written.append(path)
     if plots:
