@@ -126,6 +126,13 @@ def _crm_value(report: Mapping[str, float], key: str) -> float:
     return _hdist5(report) if key == "hdist5" else report[key]
 
 
+def _hedge_rows(result: Mapping[str, Any], tree: str, rule: str, t: int, target: float):
+    """(the fitted policy's row of ``hedge_report``, the curve's point at equal accuracy)."""
+    tree_result = result["trees"][tree]
+    row = next(x for x in tree_result["hedge"] if x["rule"] == rule and x["target"] == target)
+    return row, tree_result["at_accuracy"][rule][t]
+
+
 def decision_summary(accuracy: Mapping[str, Any], labels: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Means ± std over seeds of the decision rows of ``accuracy`` (the output
     of :func:`lmm_fast.compare.protocol.accuracy_benchmark`), paired
@@ -174,18 +181,13 @@ def decision_summary(accuracy: Mapping[str, Any], labels: Mapping[str, str] | No
                 crm_rows[(setting, ranking)] = entry
             for rule in RULE_LABELS:
                 for t, target in enumerate(targets):
-                    def rows_of(result):
-                        tree_result = result["trees"][tree]
-                        row = next(x for x in tree_result["hedge"] if x["rule"] == rule and x["target"] == target)
-                        return row, tree_result["at_accuracy"][rule][t]
-
-                    entry = {}
-                    for key in HEDGE_METRICS:
-                        entry[key] = _stat([rows_of(r["decisions"])[0][key] for r in seeds])
-                    entry["equal_class_share"] = _stat([rows_of(r["decisions"])[1]["class_share"] for r in seeds])
-                    entry["equal_mean_depth"] = _stat([rows_of(r["decisions"])[1]["mean_depth"] for r in seeds])
+                    fitted = [_hedge_rows(r["decisions"], tree, rule, t, target) for r in seeds]
+                    entry = {key: _stat([row[key] for row, _ in fitted]) for key in HEDGE_METRICS}
+                    entry["equal_class_share"] = _stat([point["class_share"] for _, point in fitted])
+                    entry["equal_mean_depth"] = _stat([point["mean_depth"] for _, point in fitted])
                     if setting != "flat":
-                        pairs = [(rows_of(r["decisions"]), rows_of(flat[r["seed"]])) for r in seeds if r["seed"] in flat]
+                        pairs = [(mine, _hedge_rows(flat[r["seed"]], tree, rule, t, target))
+                                 for r, mine in zip(seeds, fitted) if r["seed"] in flat]
                         for key in ("class_share", "mean_depth"):
                             entry[f"delta_vs_flat_equal_{key}"] = _stat([a[1][key] - b[1][key] for a, b in pairs])
                             entry[f"delta_vs_flat_{key}"] = _stat([a[0][key] - b[0][key] for a, b in pairs])
@@ -227,6 +229,8 @@ def _verdict(crm_rows, hedge_rows, present, targets) -> dict[str, Any]:
             "equal_class_share": hedge["equal_class_share"]["mean"],
             "equal_top_class_share": top["equal_class_share"]["mean"],
             "beats_top_class": bool(hedge["equal_class_share"]["mean"] > top["equal_class_share"]["mean"]),
+            "equal_mean_depth": hedge["equal_mean_depth"]["mean"],
+            "equal_top_class_depth": top["equal_mean_depth"]["mean"],
         }
         if setting != "flat":
             delta = hedge["delta_vs_flat_equal_mean_depth"]
@@ -323,7 +327,8 @@ def _verdict_lines(verdict: Mapping[str, Any], settings: Sequence[str], labels: 
                 f"(within ±{100 * HEDGE_TOLERANCE:.1f} pts: {_yes(v['within'])}), class level {100 * v['class_share']:.1f} % "
                 f"(top class: {100 * v['top_class_share']:.1f} % at {100 * v['top_class_accuracy']:.2f} %); at equal "
                 f"accuracy {100 * v['equal_class_share']:.1f} % vs {100 * v['equal_top_class_share']:.1f} % for the "
-                f"top class: {'more' if v['beats_top_class'] else 'NOT more'}")
+                f"top class: {'more' if v['beats_top_class'] else 'NOT more'} (mean depth {v['equal_mean_depth']:.3f} "
+                f"vs {v['equal_top_class_depth']:.3f})")
         lines.append(line)
         if "vs_flat" in v:
             d, s = v["vs_flat"]["mean_depth"], v["vs_flat"]["class_share"]
