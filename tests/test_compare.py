@@ -395,3 +395,257 @@ def test_compare_remedies_flag_runs_every_variant_beside_flat(tmp_path):
     assert runs["lmm_cal_t"][0]["temperature"] > 0 and len(runs["lmm_cal_theta"][0]["theta"]) == 3
     assert "refused_steps" in runs["lmm_p_tc_guarded"][0]
     assert "--remedies" in doc["meta"]["command"]
+
+
+# ---------------------------------------------------------------------------
+# A user's semantic tree (--tree)
+# ---------------------------------------------------------------------------
+
+
+def write_rows(path, rows):
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    return path
+
+
+def test_load_tree_csv_by_path_with_unused_classes_and_idle_levels(tmp_path):
+    from lmm_fast.compare.datasets import load_tree
+
+    # Block ids repeat under both chapters (unique only within their parent);
+    # "all" splits nothing and "same" repeats "block": both are dropped; "z9" is
+    # a class the data does not have.
+    rows = [["class", "all", "chapter", "block", "same"]]
+    for name, chapter, block in [("a", "I", "1"), ("b", "I", "1"), ("c", "I", "2"), ("d", "II", "1"),
+                                 ("e", "II", "1"), ("f", "II", "2"), ("z9", "II", "2")]:
+        rows.append([name, "root", chapter, block, chapter + block])
+    levels, names, info = load_tree(write_rows(tmp_path / "t.csv", rows), ["f", "a", "b", "c", "d", "e"])
+    assert names == ["chapter", "block"]
+    chapter, block = (a.tolist() for a in levels)
+    assert chapter == [1, 0, 0, 0, 1, 1]
+    # f = (II, 2), a = b = (I, 1), c = (I, 2), d = e = (II, 1): four blocks, not two.
+    assert len(set(block)) == 4 and block[1] == block[2] and block[4] == block[5] and block[0] != block[3]
+    assert info["level_sizes"] == [2, 4] and info["tree_classes_unused"] == 1 and info["levels_dropped"] == 2
+
+
+def test_load_tree_json_by_name_or_by_integer_label(tmp_path):
+    from lmm_fast import Hierarchy
+    from lmm_fast.compare.datasets import load_tree
+
+    named = Hierarchy.from_assignments([[0, 0, 1, 1], [0, 1, 2, 3]][:1], class_names=["w", "x", "y", "z"])
+    named.save(tmp_path / "named.json")
+    levels, names, _ = load_tree(tmp_path / "named.json", ["z", "w", "y"])
+    assert names == ["level 1"] and levels[0].tolist() == [1, 0, 1]
+    plain = Hierarchy.from_assignments([[0, 0, 0, 1, 1, 1], [0, 0, 1, 2, 3, 3]])
+    plain.save(tmp_path / "plain.json.gz")
+    levels, _, _ = load_tree(tmp_path / "plain.json.gz", ["0", "1", "2", "3", "5"])
+    assert [a.tolist() for a in levels] == [[0, 0, 0, 1, 1], [0, 0, 1, 2, 3]]
+    with pytest.raises(ValueError, match=r"1 of the 2 classes are not in it.*integer label"):
+        load_tree(tmp_path / "plain.json.gz", ["0", "cat"])
+
+
+def test_load_tree_errors(tmp_path):
+    from lmm_fast import Hierarchy
+    from lmm_fast.compare.datasets import load_tree
+
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_tree(tmp_path / "missing.csv", ["a", "b"])
+    (tmp_path / "t.txt").write_text("a b\n")
+    with pytest.raises(ValueError, match="unsupported format"):
+        load_tree(tmp_path / "t.txt", ["a", "b"])
+    good = [["class", "g"], ["a", "1"], ["b", "1"], ["c", "2"]]
+    with pytest.raises(ValueError, match=r"1 of the 4 classes are not in it, e.g. \['d'\]"):
+        load_tree(write_rows(tmp_path / "t.csv", good), ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="class 'a' has more than one row"):
+        load_tree(write_rows(tmp_path / "t.csv", good + [["a", "2"]]), ["a", "b", "c"])
+    with pytest.raises(ValueError, match="line 3: expected 2 non-empty cells"):
+        load_tree(write_rows(tmp_path / "t.csv", [["class", "g"], ["a", "1"], ["b", ""], ["c", "2"]]), ["a", "b"])
+    with pytest.raises(ValueError, match="no level of the tree splits"):
+        load_tree(write_rows(tmp_path / "t.csv", good), ["a", "b"])
+    with pytest.raises(ValueError, match="header must name the class column and at least one level"):
+        load_tree(write_rows(tmp_path / "t.csv", [["class"], ["a"], ["b"]]), ["a", "b"])
+    Hierarchy.from_assignments([[0, 0, 1, 1], [0, 1, 0, 2]], nested=False).save(tmp_path / "flat.json")
+    with pytest.raises(ValueError, match="not nested"):
+        load_tree(tmp_path / "flat.json", ["0", "1", "2", "3"])
+
+
+# ---------------------------------------------------------------------------
+# CRM and hedging rows (compare.decisions)
+# ---------------------------------------------------------------------------
+
+
+def sharp_posterior(labels, num_classes, seed, hit=0.8):
+    """Softmax posteriors whose argmax is the true class for a share ``hit`` of the rows."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(labels.numel(), num_classes, generator=gen, dtype=torch.float64)
+    right = torch.rand(labels.numel(), generator=gen) < hit
+    logits[torch.arange(labels.numel())[right], labels[right]] += 4.0
+    return torch.softmax(logits, dim=1).float()
+
+
+def test_decision_result_fits_on_one_half_and_reports_on_the_other():
+    from lmm_fast import Hierarchy, decide
+    from lmm_fast.compare.decisions import decision_result
+
+    n = 12
+    tree = Hierarchy.from_assignments([torch.arange(n) // 6, torch.arange(n) // 3])
+    visual = Hierarchy.from_assignments([torch.arange(n) % 2])
+    labels = torch.arange(300) % n
+    proba = sharp_posterior(labels, n, seed=3)
+    result = decision_result(proba, labels, {"semantic": tree, "visual": visual}, seed=7)
+    calibration, evaluation = decide.calibration_split(300, 0.5, seed=7)
+    assert result["calibration_rows"] == calibration.numel() == 150 and result["evaluation_rows"] == 150
+    for name, hierarchy in (("semantic", tree), ("visual", visual)):
+        got = result["trees"][name]
+        assert got["crm"] == decide.crm_report(proba, labels, hierarchy, ks=(1, 5))
+        expected = decide.hedge_report(proba[calibration], labels[calibration], proba[evaluation], labels[evaluation],
+                                       hierarchy)
+        assert got["hedge"] == expected
+        curve = decide.hedge_curve(proba[evaluation], labels[evaluation], hierarchy)
+        assert torch.equal(got["curves"]["hedge"]["accuracy"], curve.accuracy)
+        assert got["at_accuracy"]["hedge"][1] == curve.at_accuracy(0.95)
+    # Scored on the calibration half instead, the 90 % policy's accuracy would differ.
+    hedge90 = next(r for r in result["trees"]["semantic"]["hedge"] if r["rule"] == "hedge" and r["target"] == 0.9)
+    policy = decide.HedgePolicy.fit(proba[calibration], labels[calibration], tree, 0.9)
+    assert hedge90["accuracy"] == policy.evaluate(proba[evaluation], labels[evaluation])["accuracy"]
+
+
+def fake_accuracy(num_seeds=3, n=12, rows=240):
+    """What accuracy_benchmark returns, for two settings, with decisions only."""
+    from lmm_fast import Hierarchy
+    from lmm_fast.compare.decisions import decision_result
+
+    tree = Hierarchy.from_assignments([torch.arange(n) // 6, torch.arange(n) // 3])
+    labels = torch.arange(rows) % n
+    runs = {"flat": [], "lmm": []}
+    for seed in range(num_seeds):
+        for setting, hit in (("flat", 0.8), ("lmm", 0.7)):
+            proba = sharp_posterior(labels, n, seed=10 * seed + (5 if setting == "lmm" else 0), hit=hit)
+            runs[setting].append({"seed": seed, "decisions": decision_result(proba, labels, {"semantic": tree}, seed)})
+    info = {"semantic": {"description": "a → b → classes", "num_levels": 3, "level_sizes": [2, 4]}}
+    return {"runs": runs, "hierarchies": {"decision_trees": info}}
+
+
+def test_decision_summary_pairs_by_seed_and_judges_the_targets():
+    from lmm_fast.compare.decisions import decision_summary, format_decision_tables
+
+    accuracy = fake_accuracy()
+    summary = decision_summary(accuracy, {"flat": "flat softmax", "lmm": "LMM (fixed hierarchy)"})
+    assert summary["settings"] == ["flat", "lmm"] and summary["targets"] == [0.9, 0.95, 0.99]
+    block = summary["trees"]["semantic"]
+    flat, lmm = accuracy["runs"]["flat"], accuracy["runs"]["lmm"]
+
+    def crm(run, ranking, key):
+        return run["decisions"]["trees"]["semantic"]["crm"][ranking][key]
+
+    deltas = [crm(r, "crm", "severity") - crm(f, "argmax", "severity") for r, f in zip(lmm, flat)]
+    entry = block["crm"][("lmm", "crm")]
+    assert entry["delta_severity"]["mean"] == pytest.approx(sum(deltas) / 3)
+    assert entry["delta_severity"]["std"] == pytest.approx(float(torch.tensor(deltas).std()))
+    assert ("severity" in entry["wins"]) == (entry["delta_severity"]["mean"] < -2 * entry["delta_severity"]["std"])
+    assert "delta_top1_error" not in block["crm"][("flat", "argmax")]
+    flat_crm = block["crm"][("flat", "crm")]
+    assert flat_crm["top1_within"] == (abs(flat_crm["delta_top1_error"]["mean"]) <= 0.002)
+    assert block["verdict"]["flat_crm"]["met"] == (
+        {"severity", "hdist5"} <= set(flat_crm["wins"]) and flat_crm["top1_within"])
+
+    hedge = block["hedge"][("lmm", "hedge", 0.95)]
+    rows = [next(x for x in r["decisions"]["trees"]["semantic"]["hedge"] if x["rule"] == "hedge" and x["target"] == 0.95)
+            for r in lmm]
+    assert hedge["accuracy"]["mean"] == pytest.approx(sum(x["accuracy"] for x in rows) / 3)
+    at = [r["decisions"]["trees"]["semantic"]["at_accuracy"]["hedge"][1]["mean_depth"] for r in lmm]
+    at_flat = [r["decisions"]["trees"]["semantic"]["at_accuracy"]["hedge"][1]["mean_depth"] for r in flat]
+    assert hedge["delta_vs_flat_equal_mean_depth"]["mean"] == pytest.approx(sum(a - b for a, b in zip(at, at_flat)) / 3)
+    verdict = block["verdict"]["hedge_flat"]
+    assert verdict["within"] == (abs(verdict["accuracy"] - 0.95) <= 0.005)
+    text = format_decision_tables(summary, 3)
+    for words in ("Better mistakes", "flat softmax + CRM", "LMM (fixed hierarchy) + CRM", "Hedged answers",
+                  "top class/coarse", "a → b → classes", "flat + CRM vs flat", "vs flat posterior"):
+        assert words in text
+    assert decision_summary({"runs": {"flat": [{"seed": 0}]}}) == {}
+
+
+# ---------------------------------------------------------------------------
+# The job with --tree, and without
+# ---------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tree_run(tmp_path_factory):
+    from lmm_fast.compare import main
+
+    root = tmp_path_factory.mktemp("compare_tree")
+    x, y = blobs(n_classes=12, per_class=20, dim=5)
+    np.save(root / "x.npy", x)
+    np.save(root / "y.npy", y)
+    write_rows(root / "tree.csv", [["label", "chapter", "block"]] + [[c, c // 6, c // 3 % 2] for c in range(12)])
+    out = root / "out"
+    printed = io.StringIO()
+    args = ["--features", str(root / "x.npy"), "--labels", str(root / "y.npy"), "--tree", str(root / "tree.csv"),
+            "--out", str(out), "--settings", "flat,lmm", "--skip-speed"] + TINY[:10] + TINY[-3:]
+    with contextlib.redirect_stdout(printed):
+        code = main(args)
+    return code, out, printed.getvalue()
+
+
+def test_compare_with_a_tree_measures_in_it_and_in_the_visual_one(tree_run):
+    from lmm_fast.compare.decisions import NO_TREE_NOTE
+
+    code, out, printed = tree_run
+    assert code == 0
+    assert NO_TREE_NOTE not in printed
+    assert "chapter → block → classes (semantic)" in printed and "semantic tree 2 chapter → 4 block" in printed
+    for words in ("flat softmax + CRM", "LMM (fixed hierarchy) + CRM", "Hedged answers", "top class",
+                  "the visual hierarchy of Table I"):
+        assert words in printed
+    doc = json.loads((out / "results.json").read_text())
+    assert doc["meta"]["task"]["tree"]["level_sizes"] == [2, 4] and "--tree" in doc["meta"]["command"]
+    acc = doc["accuracy"]
+    assert set(acc["hierarchies"]["decision_trees"]) == {"semantic", "visual"}
+    test_rows = 12 * 6
+    for setting in ("flat", "lmm"):
+        for run in acc["runs"][setting]:
+            decisions = run["decisions"]
+            assert decisions["calibration_rows"] + decisions["evaluation_rows"] == test_rows
+            # Severity and dist@k of the main tables are those of the user's tree.
+            semantic = decisions["trees"]["semantic"]["crm"]["argmax"]
+            assert semantic["severity"] == pytest.approx(run["severity"])
+            assert semantic["hdist5"] == pytest.approx(run["hdist5"])
+            assert len(decisions["trees"]["semantic"]["hedge"]) == 9
+    with open(out / "decisions.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    keys = {(r["tree"], r["setting"], r["rule"], r["metric"]) for r in rows}
+    assert {("semantic", "flat", "crm", "delta_severity"), ("visual", "lmm", "hedge", "accuracy"),
+            ("semantic", "lmm", "top_class", "equal_class_share")} <= keys
+    assert {r["target"] for r in rows if r["rule"] == "hedge"} == {"0.9", "0.95", "0.99"}
+    for name in ("accuracy_specificity.png", "accuracy_specificity_visual.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_compare_without_a_tree_says_distances_are_circular(tiny_run):
+    from lmm_fast.compare.decisions import DECISION_SETTINGS, NO_TREE_NOTE
+
+    _, out, printed = tiny_run
+    assert NO_TREE_NOTE in printed and "flat softmax + CRM" in printed
+    doc = json.loads((out / "results.json").read_text())
+    runs = doc["accuracy"]["runs"]
+    assert NO_TREE_NOTE in doc["accuracy"]["hierarchies"]["severity_tree"]
+    for setting, seeds in runs.items():
+        assert ("decisions" in seeds[0]) == (setting in DECISION_SETTINGS)
+    assert set(runs["lmm_p"][0]["decisions"]["trees"]) == {"visual"}
+    assert (out / "accuracy_specificity.png").exists() and not (out / "accuracy_specificity_visual.png").exists()
+
+
+def test_compare_tree_errors(tmp_path, capsys):
+    from lmm_fast.compare import main
+
+    x, y = blobs()
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    write_rows(tmp_path / "tree.csv", [["class", "g"]] + [[c, c // 3] for c in range(5)])
+    base = ["--skip-speed", "--no-progress", "--out", str(tmp_path / "o")]
+    assert main(["--tree", str(tmp_path / "tree.csv")] + base) == 2
+    assert "--tree needs --features" in capsys.readouterr().err
+    assert main(["--features", str(tmp_path / "x.npy"), "--labels", str(tmp_path / "y.npy"),
+                 "--tree", str(tmp_path / "tree.csv")] + base) == 2
+    assert "1 of the 6 classes are not in it, e.g. ['5']" in capsys.readouterr().err

@@ -8,6 +8,8 @@ library never imports it.
 * :mod:`~lmm_fast.compare.protocol` — part 2, the settings of the paper's
   Tables I and IV over seeds;
 * :mod:`~lmm_fast.compare.variants` — the remedies (``--remedies``);
+* :mod:`~lmm_fast.compare.decisions` — CRM and hedging of the flat and LMM
+  posteriors (``lmm_fast.decide``), in the semantic and the visual tree;
 * :mod:`~lmm_fast.compare.report` — summaries, tables and files;
 * :mod:`~lmm_fast.compare.command` — the command line.
 

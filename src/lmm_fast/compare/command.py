@@ -130,6 +130,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     data.add_argument("--labels", metavar="Y",
                       help="your own labels: [M] integers or strings in .npy, .npz or .pt (may be omitted when "
                            "the --features .npz/.pt holds them under 'labels' or 'y')")
+    data.add_argument("--tree", metavar="T",
+                      help="the semantic tree of your classes (with --features), for severity, dist@k, CRM and "
+                           "hedging: a Hierarchy JSON file (Hierarchy.save, `lmm-fast hierarchy` output) or a CSV "
+                           "with a header, one row per class: its label, then its group at each level, top first "
+                           "(docs/compare.md)")
     data.add_argument("--test-fraction", type=float, default=0.3, help="share of each class held out (default 0.3)")
     data.add_argument("--min-per-class", "--min-codes", type=int, dest="min_per_class",
                       help="keep classes with at least this many rows (default: 8 codes per ICD category; "
@@ -211,12 +216,15 @@ def _load_task(args: argparse.Namespace, progress: bool):
     from lmm_fast.compare import datasets
 
     if args.features is not None:
-        return datasets.load_user_task(
+        task = datasets.load_user_task(
             args.features, args.labels, test_fraction=args.test_fraction,
             min_per_class=args.min_per_class or 2,
         )
+        return task if args.tree is None else datasets.attach_tree(task, args.tree)
     if args.labels is not None:
         raise ValueError("--labels needs --features")
+    if args.tree is not None:
+        raise ValueError("--tree needs --features (ICD-10-CM brings its own tree)")
     return datasets.load_icd10cm_task(
         min_codes=args.min_per_class or 8, test_fraction=args.test_fraction,
         include_extensions=args.include_extensions, progress=progress,
@@ -292,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
               f"memory of one call ({time.perf_counter() - t0:.0f} s)")
         print(format_speed_table(speed_rows))
     accuracy = summary = None
+    decisions: dict[str, Any] = {}
     task = None
     if not args.skip_accuracy:
         try:
@@ -319,11 +328,23 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(format_remedy_tables(views, {s: setting_label(s) for s in views}, list(SETTINGS) + list(REMEDY_SETTINGS),
                                    len(protocol.seeds)))
+        from lmm_fast.compare.decisions import NO_TREE_NOTE, decision_summary, format_decision_tables
+
+        decisions = decision_summary(accuracy, {s: setting_label(s) for s in SETTINGS})
+        if decisions:
+            print()
+            if task.semantic_tree is None:
+                print(f"note: {NO_TREE_NOTE} (it favours the LMM; pass --tree for your taxonomy)")
+            print(format_decision_tables(decisions, len(protocol.seeds)))
     meta["seconds"] = time.perf_counter() - started
     written = write_outputs(
         args.out, meta, speed_rows, accuracy, summary,
         class_names=None if task is None else task.class_names, plots=not args.no_plots,
     )
+    if accuracy is not None:
+        from lmm_fast.compare.decisions import write_decision_outputs
+
+        written += write_decision_outputs(args.out, decisions, accuracy, plots=not args.no_plots)
     print(f"\nwrote {', '.join(written)} ({meta['seconds'] / 60:.1f} min in all)")
     return 0
 

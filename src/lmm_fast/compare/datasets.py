@@ -37,6 +37,8 @@ __all__ = [
     "load_icd10cm_task",
     "load_array",
     "load_user_task",
+    "load_tree",
+    "attach_tree",
     "DEMO_INSTALL_HINT",
 ]
 
@@ -604,3 +606,123 @@ def load_user_task(
         class_names=names,
         info=info,
     )
+
+
+# ---------------------------------------------------------------------------
+# A user's own semantic tree (--tree)
+# ---------------------------------------------------------------------------
+
+
+def _read_tree_csv(path: Path) -> tuple[list[str], list[list[str]], list[str]]:
+    """(class keys, per level the group of every row, level names) of a tree CSV."""
+    import csv
+
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        rows = [row for row in csv.reader(f) if any(cell.strip() for cell in row)]
+    if len(rows) < 2:
+        raise ValueError(f"tree file {str(path)!r}: needs a header and one row per class")
+    header = [cell.strip() for cell in rows[0]]
+    if len(header) < 2:
+        raise ValueError(f"tree file {str(path)!r}: the header must name the class column and at least one level, "
+                         f"got {header}")
+    keys, levels = [], [[] for _ in header[1:]]
+    for line, row in enumerate(rows[1:], start=2):
+        cells = [cell.strip() for cell in row]
+        if len(cells) != len(header) or not all(cells):
+            raise ValueError(f"tree file {str(path)!r}, line {line}: expected {len(header)} non-empty cells "
+                             f"({', '.join(header)}), got {row}")
+        keys.append(cells[0])
+        for level, cell in zip(levels, cells[1:]):
+            level.append(cell)
+    return keys, levels, header[1:]
+
+
+def load_tree(path: str | os.PathLike, class_names: Sequence[str]) -> tuple[list[Tensor], list[str], dict[str, Any]]:
+    """A user's semantic tree over the classes ``class_names``, top level first.
+
+    Formats:
+
+    * ``.json`` / ``.json.gz``: a :class:`~lmm_fast.Hierarchy` file
+      (:meth:`~lmm_fast.Hierarchy.save`, ``lmm-fast hierarchy`` output). Its
+      classes are matched to ``class_names`` by the file's class names, or, when
+      it has none, class ``c`` of the file is the integer label ``c``. It must be
+      a tree (nested levels); a dense Ψ counts by its argmax groups.
+    * ``.csv``: a header (the class column's name, then one name per level, top
+      first), then one row per class: its label as in the labels file, then its
+      group at each level. A group is identified by its path from the top, so
+      ids need only be unique within their parent.
+
+    Classes of the tree that the data does not use are left out; every class
+    of the data must be in the tree. After that, levels that no longer split
+    anything are dropped (one group, a group per class, or the same groups as
+    the level above).
+
+    Returns:
+        (per level an int64 ``[N]`` group id in class order, level names, info).
+
+    Raises:
+        FileNotFoundError, or ValueError naming the file and the problem.
+    """
+    from lmm_fast.hierarchy import Hierarchy
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"tree file {str(path)!r} does not exist")
+    name = path.name.lower()
+    if name.endswith(".csv"):
+        keys, raw_levels, level_names = _read_tree_csv(path)
+        if len(set(keys)) != len(keys):
+            seen: set[str] = set()
+            twice = next(k for k in keys if k in seen or seen.add(k))
+            raise ValueError(f"tree file {str(path)!r}: class {twice!r} has more than one row")
+        # The path from the top identifies a group: ids unique within their parent suffice.
+        paths = [list(zip(*raw_levels[: i + 1])) for i in range(len(raw_levels))]
+    elif name.endswith((".json", ".json.gz")):
+        tree = Hierarchy.load(path)
+        if not tree.is_nested:
+            raise ValueError(f"tree file {str(path)!r}: the levels are not nested; a semantic tree must be a tree")
+        keys = tree.class_names or [str(c) for c in range(tree.num_classes)]
+        paths = [a.tolist() for a in tree.assignments]
+        level_names = [f"level {i + 1}" for i in range(len(paths))]
+    else:
+        raise ValueError(f"tree file {str(path)!r}: unsupported format (use a Hierarchy .json or a .csv of "
+                         f"per-level groups; parent -> child edge lists are not read)")
+    row_of = {key: i for i, key in enumerate(keys)}
+    missing = [c for c in class_names if c not in row_of]
+    if missing:
+        hint = "" if name.endswith(".csv") or tree.class_names else (
+            " (the file has no class names, so its class c stands for the integer label c)")
+        raise ValueError(f"tree file {str(path)!r}: {len(missing)} of the {len(class_names)} classes are not in it, "
+                         f"e.g. {missing[:3]}{hint}")
+    rows = [row_of[c] for c in class_names]
+    n = len(class_names)
+    levels, names = [], []
+    for level_paths, level_name in zip(paths, level_names):
+        kept = [level_paths[r] for r in rows]
+        ids = {p: i for i, p in enumerate(sorted(set(kept), key=str))}
+        groups = torch.tensor([ids[p] for p in kept], dtype=torch.int64)
+        size = len(ids)
+        if size <= 1 or size >= n or (levels and size == int(levels[-1].max()) + 1):
+            continue
+        levels.append(groups)
+        names.append(level_name)
+    if not levels:
+        raise ValueError(f"tree file {str(path)!r}: no level of the tree splits the data's {n} classes into "
+                         f"2 to {n - 1} groups")
+    try:
+        Hierarchy.from_assignments(levels, class_names=list(class_names))
+    except ValueError as exc:
+        raise ValueError(f"tree file {str(path)!r}: {exc}") from None
+    info = {"source": os.fspath(path), "level_names": names, "level_sizes": [int(a.max()) + 1 for a in levels],
+            "tree_classes_unused": len(keys) - n, "levels_dropped": len(paths) - len(levels)}
+    return levels, names, info
+
+
+def attach_tree(task: Task, path: str | os.PathLike) -> Task:
+    """``task`` with the semantic tree of :func:`load_tree` (severity, dist@k,
+    CRM and hedging are then measured in it)."""
+    import dataclasses
+
+    levels, names, info = load_tree(path, task.class_names)
+    return dataclasses.replace(task, semantic_tree=levels, semantic_level_names=names,
+                               info={**task.info, "tree": info})

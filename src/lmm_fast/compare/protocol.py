@@ -116,7 +116,8 @@ def accuracy_benchmark(
     import torch
 
     from lmm_fast._progress import progress_bar
-    from lmm_fast.compare.runs import TOPK, confusion_hierarchy, evaluate, fit_run
+    from lmm_fast.compare.decisions import DECISION_SETTINGS, NO_TREE_NOTE, decision_result
+    from lmm_fast.compare.runs import TOPK, confusion_hierarchy, evaluate, fit_run, test_proba
     from lmm_fast.hierarchy import Hierarchy
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -145,7 +146,15 @@ def accuracy_benchmark(
         severity_tree = " → ".join(task.semantic_level_names or []) + " → classes (semantic)"
     else:
         semantic = visual
-        severity_tree = "the visual hierarchy of Table I (the data has no semantic tree)"
+        severity_tree = f"the visual hierarchy of Table I ({NO_TREE_NOTE})"
+    # CRM and hedging (compare.decisions) in every tree the job knows.
+    decision_trees = {"semantic": semantic, "visual": visual} if task.semantic_tree is not None else {"visual": visual}
+    decision_info = {
+        name: {"description": severity_tree if tree is semantic else f"the visual hierarchy of Table I {levels}"
+               + ("" if task.semantic_tree is not None else f" ({NO_TREE_NOTE})"),
+               "level_sizes": list(tree.level_sizes), "num_levels": tree.num_levels}
+        for name, tree in decision_trees.items()
+    }
     gen = torch.Generator().manual_seed(0)
     curve_index = task.test_index[torch.randperm(task.test_index.numel(), generator=gen)[: protocol.curve_rows]]
 
@@ -188,6 +197,9 @@ def accuracy_benchmark(
                 run = fit_run(setting, hierarchy, task, protocol, seed, device, curve_index, on_epoch)
                 result = evaluate(run, task, setting, hierarchy, semantic, device)
                 result["seed"] = seed
+                if setting in DECISION_SETTINGS:
+                    result["decisions"] = decision_result(test_proba(run, task, device), task.labels[task.test_index],
+                                                          decision_trees, seed)
                 runs[setting].append(result)
                 if protocol.remedies and setting == "lmm":
                     # The paper's LMM, scored by the product of its levels.
@@ -210,6 +222,7 @@ def accuracy_benchmark(
             "coarse_groups": protocol.resolved_coarse(n) if "lmm_2level" in protocol.settings else None,
             "confusion": confusion_info,
             "severity_tree": severity_tree,
+            "decision_trees": decision_info,
         },
         "protocol": _protocol_dict(protocol, n),
     }

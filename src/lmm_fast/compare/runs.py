@@ -149,6 +149,11 @@ class SubTask:
         return getattr(self.task, name)
 
 
+def test_proba(run: dict[str, Any], task, device: str) -> Tensor:
+    """``[M, N]`` float32 class probabilities of the test rows under a run of :func:`fit_run`."""
+    return _predict(run["model"], run["loss_fn"], run["flat"], task.features[task.test_index].to(device))
+
+
 def evaluate(run: dict[str, Any], task, setting: str, hierarchy, semantic, device: str) -> dict[str, Any]:
     """The test metrics of one run of :func:`fit_run`."""
     from lmm_fast import metrics
