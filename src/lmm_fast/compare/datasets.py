@@ -686,7 +686,8 @@ def load_tree(path: str | os.PathLike, class_names: Sequence[str]) -> tuple[list
         level_names = [f"level {i + 1}" for i in range(len(paths))]
     else:
         raise ValueError(f"tree file {str(path)!r}: unsupported format (use a Hierarchy .json or a .csv of "
-                         f"per-level groups; parent -> child edge lists are not read)")
+                         f"per-level groups; for parent -> child edges, write the JSON first: "
+                         f"lmm-fast hierarchy --parents EDGES.csv -o tree.json)")
     row_of = {key: i for i, key in enumerate(keys)}
     missing = [c for c in class_names if c not in row_of]
     if missing:
