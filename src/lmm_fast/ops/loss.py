@@ -98,11 +98,61 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(lse, log_m)
 
 
+def _differentiable_gradient(grad_loss, logits, target, psi_t, theta, level_sizes, ignore_index, psi_scale):
+    """``∂(Σ_b grad_loss[b] · loss[b]) / ∂(logits, θ)`` in plain PyTorch, for
+    ``backward(create_graph=True)``: the fused backward kernel is not itself
+    differentiable, so a double backward (a gradient penalty, a Hessian-vector
+    product) differentiates this formula instead.
+
+    With ``p^l = softmax(a^l)``, ``c^l_t = Ψ^l[t, y]`` (one-hot at the bottom),
+    ``m^l = Σ_t p^l_t c^l_t`` and ``z = Σ_l θ_l m^l``:
+    ``∂loss/∂a^l = −(θ_l / z) p^l ⊙ (c^l − m^l)`` and ``∂loss/∂θ_l = −m^l / z``.
+    It forms ``[B, ΣN_l]`` temporaries, and in probability space a row whose
+    target probability underflows (``z = 0``) gets a non-finite gradient.
+    """
+    acc = theta.dtype
+    batch, levels = logits.shape[0], len(level_sizes)
+    valid = target != ignore_index
+    safe = torch.where(valid, target, torch.zeros_like(target))
+    psi = psi_t if psi_scale is None else psi_t * psi_scale
+    columns = psi.to(acc)[safe]  # [B, Σ_upper N_l]: Ψ^l[:, y_b] of every upper level
+    theta_rows = theta if theta.dim() == 2 else theta.unsqueeze(0).expand(batch, levels)
+    probs, votes, offset = [], [], 0
+    for level, a in enumerate(torch.split(logits, list(level_sizes), dim=1)):
+        p = torch.softmax(a.to(acc), dim=1)
+        if level == levels - 1:
+            c = torch.nn.functional.one_hot(safe, level_sizes[-1]).to(acc)
+        else:
+            c = columns[:, offset : offset + level_sizes[level]]
+            offset += level_sizes[level]
+        probs.append((p, c))
+        votes.append((p * c).sum(dim=1))
+    m = torch.stack(votes, dim=1)  # [B, L]
+    z = (theta_rows * m).sum(dim=1)
+    coef = torch.where(valid, -grad_loss.to(acc) / torch.where(valid, z, torch.ones_like(z)), torch.zeros_like(z))
+    grad_levels = [
+        (coef * theta_rows[:, level]).unsqueeze(1) * p * (c - m[:, level : level + 1])
+        for level, (p, c) in enumerate(probs)
+    ]
+    grad_logits = torch.cat(grad_levels, dim=1).to(logits.dtype)
+    grad_theta = coef.unsqueeze(1) * m
+    return grad_logits, (grad_theta if theta.dim() == 2 else grad_theta.sum(0)).to(theta.dtype)
+
+
 def _backward(ctx, grad_loss, grad_lse, grad_log_m):
     logits, target, psi_t, theta, lse, log_m, psi_scale = ctx.saved_tensors
     grad_logits = grad_theta = None
     if grad_loss is None:
         return None, None, None, None, None, None, None
+    if torch.is_grad_enabled():
+        # backward(create_graph=True): the gradient must itself be differentiable
+        grad_logits, grad_theta = _differentiable_gradient(
+            grad_loss, logits, target, psi_t, theta, ctx.level_sizes, ctx.ignore_index, psi_scale
+        )
+        return (
+            grad_logits if ctx.needs_input_grad[0] else None, None, None,
+            grad_theta if ctx.needs_input_grad[3] else None, None, None, None,
+        )
     grad_loss = grad_loss.contiguous()
     if ctx.needs_input_grad[0]:
         grad_logits = lmm_loss_backward(
