@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from lmm_fast.ops import accumulate_dtype
-from lmm_fast.loss import default_theta
+from lmm_fast.loss import check_row_theta, default_theta
 from lmm_fast.ops.predict import lmm_gather_scores, lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
 from lmm_fast.predict import TreeIndex, tree_index, tree_index_from_assignments
 
@@ -167,11 +167,11 @@ class LMMHead(nn.Module):
         kind, psi, default = self._psi_and_theta(loss_fn, device)
         if theta is None:
             return kind, psi, default
-        theta = torch.as_tensor(theta).to(device)
-        levels = self.num_levels
-        if not theta.is_floating_point() or theta.shape[-1:] != (levels,) or theta.dim() not in (1, 2):
-            raise ValueError(f"theta must be [{levels}] or [B, {levels}] floating point, got {tuple(theta.shape)} {theta.dtype}")
-        return kind, psi, theta
+        if not isinstance(theta, Tensor):
+            theta = torch.as_tensor(theta, dtype=torch.float64)
+        if theta.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"theta is on the meta device (it holds no values) but the features are on {device}")
+        return kind, psi, check_row_theta(theta, self.num_levels).to(device)
 
     def _psi_and_theta(self, loss_fn: "FusedLMMLoss | None", device: torch.device) -> tuple[str, Any, Tensor]:
         if loss_fn is not None:
@@ -375,6 +375,8 @@ def _coarse_to_fine(head: LMMHead, x: Tensor, k: int, beam: int, search: _Search
     sizes = head.level_sizes
     upper = len(sizes) - 1
     batch = x.shape[0]
+    if batch == 0:  # nothing to search (and [0, -1] reshapes below are ambiguous)
+        return x.new_zeros(0, k, dtype=acc), torch.zeros(0, k, dtype=torch.int64, device=x.device)
 
     # Level 1: every group.
     top = x @ weight[: sizes[0]].t()
