@@ -11,7 +11,18 @@ import sys
 import pytest
 import torch
 
+import lmm_fast
 import lmm_fast.ops  # noqa: F401  (registers the ops)
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a child interpreter: it imports the lmm_fast this
+    test imported (installed, or an in-place build)."""
+    import os
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    path = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 def cases():
@@ -132,7 +143,8 @@ def test_the_cpu_kernels_check_devices_themselves(tmp_path):
     import os
 
     code = CHILD.format(tests=os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=child_env())
     last = "\n".join(result.stderr.splitlines()[-15:])
     assert result.returncode >= 0, f"a CPU kernel crashed (signal {-result.returncode}) at:\n{last}"
     assert result.returncode == 0, last

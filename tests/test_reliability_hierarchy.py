@@ -15,17 +15,28 @@ import numpy as np
 import pytest
 import torch
 
+import lmm_fast
 from lmm_fast.cli import main
 from lmm_fast.hierarchy import Hierarchy, class_means, self_tuning_sigma, similarity_matrix
 
 TIMEOUT_S = 180
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a child interpreter: it imports the lmm_fast this
+    test imported (installed, or an in-place build)."""
+    import os
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    path = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def run_child(code: str, timeout: float = TIMEOUT_S) -> str:
     """Runs ``code`` in a fresh interpreter; a hang, a signal or an exception fails the test."""
     try:
         result = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                                timeout=timeout)
+                                timeout=timeout, env=child_env())
     except subprocess.TimeoutExpired as expired:
         out = expired.stdout.decode() if isinstance(expired.stdout, bytes) else (expired.stdout or "")
         pytest.fail(f"no result after {timeout} s (a hang); finished before it:\n{out}")

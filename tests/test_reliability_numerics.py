@@ -23,6 +23,16 @@ from lmm_fast.testing import dense_psi, tree_psi
 SIZES = [3, 7, 20]
 
 
+def child_env(**extra: str) -> dict:
+    """The environment of a child interpreter: it imports the lmm_fast this
+    test imported (installed, or an in-place build)."""
+    import os
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    path = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
+
+
 def wide_psi(kind: str, seed: int = 0) -> list[torch.Tensor]:
     """float64 Ψ with values float32 cannot hold (1/3, 1/7, random)."""
     gen = torch.Generator().manual_seed(seed)
@@ -261,7 +271,8 @@ def test_grad_cache_is_released_with_the_module():
         gc.collect()
         print(held, rss_mib() - before)
     """)
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env=child_env())
     assert result.returncode == 0, result.stderr[-2000:]
     held, after = map(float, result.stdout.split())
     gradient_mib = 512 * (4 + 16 + 40000) * 4 / 2**20  # 78 MiB

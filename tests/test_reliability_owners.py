@@ -19,6 +19,7 @@ import sys
 import pytest
 import torch
 
+import lmm_fast
 import lmm_fast.ops.gibbs  # noqa: F401  (registers the ops)
 
 # The ops under test. The parallel algorithm (the CUDA op's phases) is also
@@ -30,6 +31,16 @@ if hasattr(torch.ops.lmm_fast, "gibbs_update_owners_emulated"):
 PROPERTIES = ("garbage", "padding")
 EXAMPLES = 60
 TIMEOUT_S = 240
+
+
+def child_env(**extra: str) -> dict:
+    """The environment of a child interpreter: it imports the lmm_fast this
+    test imported (installed, or an in-place build)."""
+    import os
+
+    parent = os.path.dirname(os.path.dirname(os.path.abspath(lmm_fast.__file__)))
+    path = os.pathsep.join(p for p in (parent, os.environ.get("PYTHONPATH")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)
 
 
 # ---------------------------------------------------------------- child side
@@ -201,7 +212,7 @@ def _child(op_name: str, prop: str) -> None:
 @pytest.mark.parametrize("prop", PROPERTIES)
 @pytest.mark.parametrize("op_name", OPS)
 def test_owner_update_fuzz(op_name, prop):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     try:
         result = subprocess.run([sys.executable, __file__, op_name, prop], capture_output=True, text=True,
                                 timeout=TIMEOUT_S, env=env)
