@@ -235,6 +235,7 @@ LMM_FAST_HOST_DEVICE uint64_t label_draw(uint64_t seed, uint64_t step, uint64_t 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace lmm_fast {
@@ -401,17 +402,18 @@ inline void check_refresh_inputs(const at::Tensor& psi_t, const at::Tensor& psi_
               beta.scalar_type());
   TORCH_CHECK(std::isfinite(beta0) && beta0 > 0.0,
               "lmm_fast: beta0 must be positive and finite, got ", beta0);
-  for (const auto* t : {&psi_scale, &counts_t, &group_totals, &beta}) {
-    TORCH_CHECK(t->device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
-                psi_t.device(), ", got one on ", t->device());
+  for (const auto& [t, name] : {std::pair{&psi_scale, "psi_scale"}, std::pair{&counts_t, "counts_t"},
+                                std::pair{&group_totals, "group_totals"}, std::pair{&beta, "beta"}}) {
+    TORCH_CHECK(t->device() == psi_t.device(), "lmm_fast: ", name, " must be on psi_t's device ",
+                psi_t.device(), ", got ", t->device());
   }
 }
 
 inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index, const char* name) {
   TORCH_CHECK(index.dim() == 1 && index.scalar_type() == at::kLong, "lmm_fast: ", name,
               " must be a 1-D int64 tensor, got ", index.scalar_type(), " of shape ", index.sizes());
-  TORCH_CHECK(index.device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
-              psi_t.device(), ", got ", name, " on ", index.device());
+  TORCH_CHECK(index.device() == psi_t.device(), "lmm_fast: ", name, " must be on psi_t's device ",
+              psi_t.device(), ", got ", index.device());
 }
 
 
@@ -518,8 +520,8 @@ inline void check_update_owners_inputs(const at::Tensor& psi_t, const at::Tensor
     TORCH_CHECK(s.t->scalar_type() == s.dtype && s.t->sizes().vec() == s.shape && s.t->is_contiguous(),
                 "lmm_fast: ", s.name, " must be a contiguous ", s.dtype, " tensor of shape ",
                 c10::IntArrayRef(s.shape), ", got ", s.t->scalar_type(), " of shape ", s.t->sizes());
-    TORCH_CHECK(s.t->device() == psi_t.device(), "lmm_fast: all inputs must be on psi_t's device ",
-                psi_t.device(), ", got ", s.name, " on ", s.t->device());
+    TORCH_CHECK(s.t->device() == psi_t.device(), "lmm_fast: ", s.name, " must be on psi_t's device ",
+                psi_t.device(), ", got ", s.t->device());
   }
   check_index_vector(psi_t, classes, "classes");
   check_index_vector(psi_t, old_groups, "old_groups");

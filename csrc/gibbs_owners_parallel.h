@@ -399,6 +399,10 @@ struct ChallengePhase {
     const int64_t w = (i - a.m) - j * a.words;
     const int64_t t = a.d_list[j];
     uint64_t word = a.bits[t * a.words + w];
+    // The bitmap is the caller's state: bits past the last class (padding of
+    // the last word) must not become class indices.
+    const int64_t valid = a.n - w * 64;
+    if (valid < 64) word &= (uint64_t(1) << valid) - 1u;
     while (word) {
 #if defined(__CUDA_ARCH__)
       const int64_t bit = __ffsll(static_cast<long long>(word)) - 1;
@@ -420,6 +424,10 @@ struct FinishPhase {
     int64_t g = a.win[y];
     if (a.mode[y] == 0) {
       if (a.c1_value[y] == a.best_value[y] && a.c1_group[y] < g) g = a.c1_group[y];
+      // No candidate holds the maximum only when a value is NaN (a NaN
+      // numerator or beta in the caller's state): keep the starting best, a
+      // valid group, rather than the kNone sentinel as an index.
+      if (g == kNone) g = a.c1_group[y];
       if (a.c1_group[y] != g) a.bound[y] = dmax(a.bound[y], a.c1_value[y]);
       a.win[y] = g;
     }

@@ -46,6 +46,11 @@ TORCH_LIBRARY(lmm_fast, m) {
       "Tensor psi_t, Tensor theta, Tensor lse, Tensor log_m, "
       "int[] level_sizes, int ignore_index, Tensor? psi_scale=None, "
       "Tensor? weight=None, float label_smoothing=0.0) -> Tensor");
+  // The CPU backward's gradient storage: a tensor whose storage the next
+  // lmm_loss_backward on this thread may write its gradient into, if nothing
+  // else references that storage by then (None: allocate afresh). The loss
+  // module keeps its last gradient's storage and offers it (see loss_cpu.cpp).
+  m.def("_offer_grad_storage(Tensor? storage) -> ()");
   // Collapsed Gibbs draw of the group labels (paper Eq. 4) of a mini-batch at
   // every upper level, each image conditioned on counts that exclude only
   // itself. logits: packed [B, sum(level_sizes)] or the upper levels only;

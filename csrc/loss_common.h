@@ -11,6 +11,7 @@
 #include <limits>
 #include <optional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__CUDACC__)
@@ -116,10 +117,10 @@ inline LossGeometry check_loss_inputs(
       "lmm_fast: psi_t must be ", acc, " for ", dtype, " logits, got ",
       psi_t.scalar_type());
   check_theta_dtype(theta, logits);
-  for (const auto* t : {&target, &psi_t, &theta}) {
+  for (const auto& [t, name] : {std::pair{&target, "target"}, std::pair{&psi_t, "psi_t"},
+                                std::pair{&theta, "theta"}}) {
     TORCH_CHECK(t->device() == logits.device(),
-        "lmm_fast: all inputs must be on the logits' device ", logits.device(),
-        ", got one on ", t->device());
+        "lmm_fast: ", name, " must be on the logits' device ", logits.device(), ", got ", t->device());
   }
   LossGeometry g = level_geometry(logits, level_sizes);
   TORCH_CHECK(psi_t.dim() == 2 && psi_t.size(0) == g.num_classes &&
@@ -143,7 +144,7 @@ inline at::Tensor check_psi_scale(const std::optional<at::Tensor>& psi_scale,
       "lmm_fast: psi_scale must be ", accumulate_type(logits.scalar_type()), ", got ",
       s.scalar_type());
   TORCH_CHECK(s.device() == logits.device(),
-      "lmm_fast: psi_scale must be on ", logits.device(), ", got ", s.device());
+      "lmm_fast: psi_scale must be on the logits' device ", logits.device(), ", got ", s.device());
   return s.contiguous();
 }
 
@@ -159,7 +160,7 @@ inline void check_stats(const at::Tensor& stats, const char* name,
       "lmm_fast: ", name, " must be ", accumulate_type(logits.scalar_type()),
       ", got ", stats.scalar_type());
   TORCH_CHECK(stats.device() == logits.device(),
-      "lmm_fast: ", name, " must be on ", logits.device(), ", got ", stats.device());
+      "lmm_fast: ", name, " must be on the logits' device ", logits.device(), ", got ", stats.device());
 }
 
 // Logits only need unit stride along the columns; rows may be strided.

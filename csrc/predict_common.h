@@ -6,6 +6,8 @@
 // Both are level-major [L-1, N] so that the kernels stream each level's row.
 #pragma once
 
+#include <utility>
+
 #include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
@@ -48,10 +50,9 @@ inline void check_tree_index(const at::Tensor& group_index, const at::Tensor& gr
   TORCH_CHECK(group_value.sizes() == group_index.sizes(),
       "lmm_fast: group_value must have group_index's shape ", group_index.sizes(), ", got ",
       group_value.sizes());
-  for (const auto* t : {&group_index, &group_value}) {
+  for (const auto& [t, name] : {std::pair{&group_index, "group_index"}, std::pair{&group_value, "group_value"}}) {
     TORCH_CHECK(t->device() == logits.device(),
-        "lmm_fast: group_index and group_value must be on the logits' device ",
-        logits.device(), ", got one on ", t->device());
+        "lmm_fast: ", name, " must be on the logits' device ", logits.device(), ", got ", t->device());
   }
 }
 

@@ -356,42 +356,31 @@ void check_targets_cpu(const at::Tensor& target, int64_t num_classes, int64_t ig
 
 // The gradient of the logits is as large as the logits (165 MB for 4096 x
 // 10110 floats). A fresh CPU allocation of that size is served by mmap, and
-// first-touching its pages costs more than computing the gradient. So the
-// storage of the last gradient is kept and handed out again once nothing
-// else references it (the previous step's gradient has been consumed and
-// freed), the way the CUDA caching allocator reuses device blocks. Set
-// LMM_FAST_CPU_GRAD_CACHE=0 to allocate afresh every call.
-class GradientStorageCache {
- public:
-  at::Tensor get(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-    const size_t bytes = static_cast<size_t>(rows) * cols * options.dtype().itemsize();
-    if (!enabled() || bytes < kMinBytes) return at::empty({rows, cols}, options);
-    std::lock_guard<std::mutex> lock(mutex_);
-    // holder_ owns the storage; every tensor handed out adds a reference.
-    if (!holder_.defined() || holder_.storage().use_count() != 1 ||
-        holder_.storage().nbytes() != bytes || holder_.dtype() != options.dtype()) {
-      holder_ = at::Tensor();
-      holder_ = at::empty({rows, cols}, options);
-    }
-    return at::empty({0}, options).set_(holder_.storage(), 0, {rows, cols}, {cols, 1});
-  }
+// first-touching its pages costs more than computing the gradient. So a loss
+// module keeps the storage of its last gradient (FusedLMMLoss(grad_cache=True),
+// lmm_fast/ops/loss.py) and offers it to the next backward through
+// _offer_grad_storage, just before calling it on the same thread; the
+// backward writes into it only when nothing else references that storage any
+// more (the previous gradient has been consumed and freed), the way the CUDA
+// caching allocator reuses device blocks. Nothing is offered: a fresh
+// allocation. The storage lives as long as the module that owns it.
+thread_local at::Tensor offered_grad_storage;
 
- private:
-  static bool enabled() {
-    static const bool on = [] {
-      const char* value = std::getenv("LMM_FAST_CPU_GRAD_CACHE");
-      return value == nullptr || std::string(value) != "0";
-    }();
-    return on;
-  }
-  static constexpr size_t kMinBytes = size_t(1) << 22;  // small buffers come from malloc's free lists
-  std::mutex mutex_;
-  at::Tensor holder_;
-};
+void offer_grad_storage(const std::optional<at::Tensor>& storage) {
+  offered_grad_storage = storage.has_value() ? *storage : at::Tensor();
+}
 
-GradientStorageCache& gradient_cache() {
-  static GradientStorageCache cache;
-  return cache;
+at::Tensor gradient_storage(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  const at::Tensor holder = std::move(offered_grad_storage);
+  offered_grad_storage = at::Tensor();  // an offer serves one call
+  const size_t bytes = static_cast<size_t>(rows) * cols * options.dtype().itemsize();
+  // use_count() == 1: only the holder refers to the storage, no gradient
+  // handed out earlier is alive.
+  if (holder.defined() && holder.storage().use_count() == 1 && holder.storage().nbytes() == bytes &&
+      holder.dtype() == options.dtype() && holder.device() == options.device()) {
+    return at::empty({0}, options).set_(holder.storage(), 0, {rows, cols}, {cols, 1});
+  }
+  return at::empty({rows, cols}, options);
 }
 
 int64_t grain_rows(int64_t width) {
@@ -454,6 +443,9 @@ at::Tensor lmm_loss_backward_cpu(
   TORCH_CHECK(grad_loss_in.scalar_type() == logits_in.scalar_type(),
       "lmm_fast: grad_loss must have the logits' dtype ", logits_in.scalar_type(),
       ", got ", grad_loss_in.scalar_type());
+  TORCH_CHECK(grad_loss_in.device() == logits_in.device(),
+      "lmm_fast: grad_loss must be on the logits' device ", logits_in.device(), ", got ",
+      grad_loss_in.device());
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();
@@ -461,7 +453,7 @@ at::Tensor lmm_loss_backward_cpu(
   const at::Tensor stats = stats_in.contiguous();
   const at::Tensor log_m = log_m_in.contiguous();
   check_targets_cpu(target, g.num_classes, ignore_index);
-  at::Tensor grad = gradient_cache().get(g.batch, g.width, logits.options());
+  at::Tensor grad = gradient_storage(g.batch, g.width, logits.options());
   if (g.batch == 0) return grad;
   const at::Tensor theta = theta_in.contiguous();
   const at::Tensor log_theta = theta.log().contiguous();
@@ -486,6 +478,11 @@ at::Tensor lmm_loss_backward_cpu(
 }
 
 }  // namespace
+
+// No tensor to dispatch on when nothing is offered: one kernel for every key.
+TORCH_LIBRARY_IMPL(lmm_fast, CompositeExplicitAutograd, m) {
+  m.impl("_offer_grad_storage", &offer_grad_storage);
+}
 
 TORCH_LIBRARY_IMPL(lmm_fast, CPU, m) {
   m.impl("lmm_loss_forward", &lmm_loss_forward_cpu);

@@ -3,13 +3,13 @@ prediction from features (full, or coarse-to-fine along the tree)."""
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
 from lmm_fast.ops import accumulate_dtype
-from lmm_fast.loss import default_theta
+from lmm_fast.loss import check_row_theta, default_theta
 from lmm_fast.ops.predict import lmm_gather_scores
 from lmm_fast.predict import NOT_PREPARED, PredictionStructure, SearchTables, is_tracing, prepared_proba, prepared_topk
 
@@ -192,11 +192,13 @@ class LMMHead(nn.Module):
         structure, dense, default = self._psi_and_theta(loss_fn, device)
         if theta is None:
             return structure, dense, default
-        theta = torch.as_tensor(theta).to(device)
-        levels = self.num_levels
-        if not theta.is_floating_point() or theta.shape[-1:] != (levels,) or theta.dim() not in (1, 2):
-            raise ValueError(f"theta must be [{levels}] or [B, {levels}] floating point, got {tuple(theta.shape)} {theta.dtype}")
-        return structure, dense, theta
+        if not isinstance(theta, Tensor):
+            theta = torch.as_tensor(theta, dtype=torch.float64)
+        if theta.device.type == "meta" and device.type != "meta":
+            raise ValueError(f"theta is on the meta device (it holds no values) but the features are on {device}")
+        if not is_tracing():
+            check_row_theta(theta, self.num_levels)
+        return structure, dense, theta.to(device)
 
     def _psi_and_theta(
         self, loss_fn: "FusedLMMLoss | None", device: torch.device
@@ -325,6 +327,8 @@ def _coarse_to_fine(head: LMMHead, x: Tensor, k: int, beam: int, search: SearchT
     sizes = head.level_sizes
     upper = len(sizes) - 1
     batch = x.shape[0]
+    if batch == 0:  # nothing to search (and [0, -1] reshapes below are ambiguous)
+        return x.new_zeros(0, k, dtype=acc), torch.zeros(0, k, dtype=torch.int64, device=x.device)
 
     # Level 1: every group.
     top = x @ weight[: sizes[0]].t()

@@ -13,7 +13,8 @@ from lmm_fast.ops import loss as loss_ops
 if TYPE_CHECKING:  # pragma: no cover
     from lmm_fast.hierarchy import Hierarchy
 
-__all__ = ["FusedLMMLoss", "default_theta", "check_psi", "check_theta", "check_label_smoothing", "check_class_weight"]
+__all__ = ["FusedLMMLoss", "default_theta", "check_psi", "check_theta", "check_row_theta", "check_label_smoothing",
+           "check_class_weight"]
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -110,6 +111,42 @@ def check_class_weight(weight: Tensor | Sequence[float] | None, num_classes: int
     return weight
 
 
+def check_row_theta(theta: Tensor, num_levels: int, batch: int | None = None, atol: float = 1e-4) -> Tensor:
+    """Validate a θ override of the loss or of prediction: ``[L]``, or ``[B, L]``
+    (one θ per row), floating point, every row finite, non-negative and
+    summing to 1 (within ``atol``). Returns ``theta`` unchanged.
+
+    The values are not read while ``torch.compile`` traces, nor for a θ on
+    the meta device, which holds none.
+    """
+    if not isinstance(theta, Tensor) or not theta.is_floating_point():
+        raise TypeError(
+            f"theta must be a floating-point tensor [L] or [B, L], got "
+            f"{theta.dtype if isinstance(theta, Tensor) else type(theta).__name__}"
+        )
+    rows = "B" if batch is None else str(batch)
+    if theta.dim() not in (1, 2) or theta.shape[-1] != num_levels or (
+        theta.dim() == 2 and batch is not None and theta.shape[0] != batch
+    ):
+        raise ValueError(
+            f"theta must be [{num_levels}] or [B, {num_levels}] = [{rows}, {num_levels}], "
+            f"got shape {tuple(theta.shape)}"
+        )
+    if torch.compiler.is_compiling() or theta.device.type == "meta" or theta.numel() == 0:
+        return theta
+    with torch.no_grad():
+        t = theta.detach().reshape(-1, num_levels).double()
+        good = torch.isfinite(t).all(1) & (t >= 0).all(1) & ((t.sum(1) - 1).abs() <= atol)
+        if not bool(good.all()):
+            row = int((~good).nonzero()[0, 0])
+            where = "" if theta.dim() == 1 else f" (row {row} of {theta.shape[0]})"
+            raise ValueError(
+                f"theta must lie on the simplex (finite, non-negative, summing to 1) in every row; "
+                f"got {t[row].tolist()}{where}"
+            )
+    return theta
+
+
 class FusedLMMLoss(nn.Module):
     r"""Level-wise mixture loss over a class hierarchy, a drop-in for
     ``nn.CrossEntropyLoss``.
@@ -138,6 +175,15 @@ class FusedLMMLoss(nn.Module):
             (ε/N)·Σ_c w_c·(−log z_c)`` with ``z_c = Σ_l θ_l m^l_c``. Fused: the
             kernels visit every class of a row (``O(N·ΣN_upper)`` per row, no
             ``[B, N]`` temporary); ``ε = 0`` costs nothing.
+        grad_cache: keep the storage of the last CPU gradient of the logits
+            and reuse it in the next backward once that gradient is freed
+            (a fresh allocation that large costs more in page faults than the
+            fused backward; a gradient still referenced is never written).
+            Holds one gradient, ``B × ΣN_l`` elements of the logits' dtype
+            (158 MiB at B = 4096, ΣN_l = 10 110, float32) from the first
+            backward until the module is deleted, :meth:`release_grad_cache`
+            is called or ``grad_cache`` is set to False. No effect on CUDA
+            (the caching allocator does the same there).
 
     Shapes:
         logits: ``[B, N_1 + … + N_{L-1} + N]`` packed (top level first), or a
@@ -149,6 +195,10 @@ class FusedLMMLoss(nn.Module):
         :mod:`lmm_fast.reference.loss`.
         Under ``torch.autocast`` the loss is computed and returned in float32,
         as ``F.cross_entropy``'s.
+
+    Ψ, its factors and θ are held in float64 if Ψ or θ is given in float64,
+    else in float32 (``.double()`` / ``.float()`` convert them later); a loss
+    of float64 logits is computed in float64 throughout.
 
     Ψ is held class-major in the buffer ``psi_t`` ``[N, ΣN_upper]`` (the loss
     reads one column of every Ψ^l per row), times per-group factors in the
@@ -170,6 +220,7 @@ class FusedLMMLoss(nn.Module):
         num_classes: int | None = None,
         weight: Tensor | None = None,
         label_smoothing: float = 0.0,
+        grad_cache: bool = True,
     ) -> None:
         super().__init__()
         if reduction not in _REDUCTIONS:
@@ -186,20 +237,31 @@ class FusedLMMLoss(nn.Module):
         self.reduction = reduction
         self.ignore_index = int(ignore_index)
         self.learn_theta = bool(learn_theta)
+        if not isinstance(grad_cache, bool):
+            raise TypeError(f"grad_cache must be True or False, got {grad_cache!r}")
+        self._grad_storage = loss_ops.GradientStorage()
+        self._grad_cache = grad_cache
+        # Ψ, its factors and θ are held in float64 when Ψ or θ is given in
+        # float64 (rounding them to float32 would cost a float64 loss its
+        # precision for good), else in float32; .double() converts them later.
+        wide = any(p.dtype == torch.float64 for p in psi) or (
+            isinstance(theta, Tensor) and theta.dtype == torch.float64
+        )
+        dtype = torch.float64 if wide else torch.float32
         if psi:
-            psi_t = torch.cat([p.to(torch.float32).t() for p in psi], dim=1).contiguous()
+            psi_t = torch.cat([p.to(dtype).t() for p in psi], dim=1).contiguous()
         else:
-            psi_t = torch.zeros(self.num_classes, 0)
+            psi_t = torch.zeros(self.num_classes, 0, dtype=dtype)
         self.register_buffer("psi_t", psi_t)
         # Per-group factors of Ψ: the effective Ψ^l[t, y] is
         # psi_t[y, off_l + t] * psi_scale[off_l + t]. All ones unless the
         # Gibbs adaptation keeps unnormalised counts in psi_t, so that a
         # group whose size changed is renormalised by writing one number.
-        self.register_buffer("psi_scale", torch.ones(psi_t.shape[1]))
+        self.register_buffer("psi_scale", torch.ones(psi_t.shape[1], dtype=dtype))
         self._effective_key = None
         self._effective = None
         theta = default_theta(self.num_levels) if theta is None else theta
-        theta = check_theta(theta, self.num_levels).to(torch.float32)
+        theta = check_theta(theta, self.num_levels).to(dtype)
         if self.learn_theta:
             self.theta_logits = nn.Parameter(theta.clamp_min(1e-12).log())
         else:
@@ -208,6 +270,29 @@ class FusedLMMLoss(nn.Module):
         self.register_buffer("weight", check_class_weight(weight, self.num_classes))
 
     # ------------------------------------------------------------------ state
+    @property
+    def grad_cache(self) -> bool:
+        """Whether the CPU backward keeps and reuses its gradient's storage
+        (see the constructor); setting it to False releases what is held."""
+        return self._grad_cache
+
+    @grad_cache.setter
+    def grad_cache(self, value: bool) -> None:
+        if not isinstance(value, bool):
+            raise TypeError(f"grad_cache must be True or False, got {value!r}")
+        self._grad_cache = value
+        if not value:
+            self._grad_storage.release()
+
+    @property
+    def grad_cache_nbytes(self) -> int:
+        """Bytes of gradient storage held for reuse now (0 when nothing is)."""
+        return self._grad_storage.nbytes
+
+    def release_grad_cache(self) -> None:
+        """Drop the kept gradient storage (freed once no gradient shares it)."""
+        self._grad_storage.release()
+
     @property
     def num_levels(self) -> int:
         return len(self.level_sizes)
@@ -361,19 +446,12 @@ class FusedLMMLoss(nn.Module):
             )
         return logits
 
-    def _row_theta(self, theta: Tensor, batch: int) -> Tensor:
-        if not isinstance(theta, Tensor) or not theta.is_floating_point():
-            raise TypeError("theta must be a floating-point tensor [L] or [B, L]")
-        if theta.shape not in ((self.num_levels,), (batch, self.num_levels)):
+    def _row_theta(self, theta: Tensor, device: torch.device, batch: int) -> Tensor:
+        theta = check_row_theta(theta, self.num_levels, batch)
+        if theta.device.type == "meta" and device.type != "meta":
             raise ValueError(
-                f"theta must be [{self.num_levels}] or [B, {self.num_levels}] = [{batch}, {self.num_levels}], "
-                f"got shape {tuple(theta.shape)}"
+                f"theta is on the meta device (it holds no values) but the logits are on {device}"
             )
-        if not torch.compiler.is_compiling():
-            with torch.no_grad():
-                bad = ((theta.sum(-1) - 1).abs() > 1e-4) | (theta < 0).any(-1)
-                if bool(bad.any()):
-                    raise ValueError("theta must lie on the simplex (non-negative, summing to 1) in every row")
         return theta
 
     def _operands(self, logits: Tensor) -> tuple[Tensor, Tensor]:
@@ -423,11 +501,14 @@ class FusedLMMLoss(nn.Module):
         if theta is None:
             theta = module_theta
         else:
-            theta = self._row_theta(theta, logits.shape[0]).to(device=logits.device, dtype=module_theta.dtype)
+            theta = self._row_theta(theta, logits.device, logits.shape[0]).to(
+                device=logits.device, dtype=module_theta.dtype
+            )
         weight = None if self.weight is None else self.weight.to(module_theta.dtype)
         return loss_ops.lmm_loss(
             logits, target, psi_t, theta, self.level_sizes, self.ignore_index, self._psi_scale(logits),
             weight, self.label_smoothing, self.reduction,
+            grad_storage=self._grad_storage if self._grad_cache else None,
         )
 
     def predict_proba(self, logits: Tensor | Sequence[Tensor]) -> Tensor:

@@ -75,7 +75,9 @@ class TreeIndex:
     Attributes:
         index: int32 ``[L-1, N]``, the group of every class per upper level
             (0 for a class in no group of that level; its value is then 0).
-        value: float32 ``[L-1, N]``, ``Ψ^l[index[l, y], y]``.
+        value: ``[L-1, N]``, ``Ψ^l[index[l, y], y]``: float64 when Ψ is held
+            in float64 (or built from assignments, exact to float64), else
+            float32; :meth:`value_as` gives it in the dtype a kernel needs.
         level_sizes: ``[N_1, …, N_{L-1}, N]``.
     """
 
@@ -115,7 +117,9 @@ def _detect_tree(psi_t: Tensor, level_sizes: Sequence[int], chunk: int = 8192) -
     num_classes = psi_t.shape[0]
     upper = list(level_sizes[:-1])
     index = torch.zeros(len(upper), num_classes, dtype=torch.int32, device=psi_t.device)
-    value = torch.zeros(len(upper), num_classes, dtype=torch.float32, device=psi_t.device)
+    # float64 Ψ keeps its values (a float64 prediction must not round Ψ to float32)
+    dtype = torch.float64 if psi_t.dtype == torch.float64 else torch.float32
+    value = torch.zeros(len(upper), num_classes, dtype=dtype, device=psi_t.device)
     offset = 0
     for level, size in enumerate(upper):
         # Chunks of classes bound the boolean temporary for large N.
@@ -126,7 +130,7 @@ def _detect_tree(psi_t: Tensor, level_sizes: Sequence[int], chunk: int = 8192) -
                 return None
             where = nonzero.to(torch.uint8).argmax(dim=1, keepdim=True)
             index[level, start : start + chunk] = where.squeeze(1).to(torch.int32)
-            value[level, start : start + chunk] = block.gather(1, where).squeeze(1).to(torch.float32)
+            value[level, start : start + chunk] = block.gather(1, where).squeeze(1).to(dtype)
         offset += size
     return TreeIndex(index, value, [int(s) for s in level_sizes])
 
@@ -160,13 +164,13 @@ def tree_index_from_assignments(
         size = int(groups.max()) + 1 if groups.numel() else 0
         counts = torch.bincount(groups, minlength=size).to(torch.float64)
         index.append(groups.to(torch.int32))
-        value.append((1.0 / counts)[groups].to(torch.float32))
+        value.append((1.0 / counts)[groups])  # float64: value_as rounds it once per dtype
         sizes.append(size)
     if index:
         idx, val = torch.stack(index), torch.stack(value)
     else:
         idx = torch.zeros(0, num_classes, dtype=torch.int32)
-        val = torch.zeros(0, num_classes)
+        val = torch.zeros(0, num_classes, dtype=torch.float64)
     return TreeIndex(idx.to(device), val.to(device), sizes + [int(num_classes)])
 
 
@@ -539,6 +543,8 @@ def predict_topk(
     if not isinstance(k, int) or isinstance(k, bool) or not 0 <= k <= n:
         raise ValueError(f"k must be an int in [0, N] = [0, {n}], got {k!r}")
     acc = _check_logits(logits, loss_fn.psi_t)
+    if theta is not None:  # checked as the loss checks its own override (lmm_fast.loss.check_row_theta)
+        theta = loss_fn._row_theta(theta, logits.device, logits.shape[0])
     theta = (loss_fn.theta if theta is None else theta).to(device=logits.device, dtype=acc)
     structure = loss_fn.prediction_structure()
     dense = None if structure.kind == "tree" else loss_fn.effective_psi_t()

@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import functools
 import itertools
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+import numbers
+import operator
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -38,6 +40,22 @@ __all__ = ["GibbsAdapter", "PRIORS", "run_eagerly"]
 
 PRIORS = ("per_class", "total")
 _STATE_VERSION = 1
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+_INT64 = 2**63
+
+
+def _state_int(value: Any, name: str, low: int) -> int:
+    """An int of a saved state (Python or numpy integer, not bool) in ``[low, 2^63)``,
+    the range of the kernels' int64 arguments."""
+    if isinstance(value, bool):
+        raise TypeError(f"state {name} must be an int, got bool {value!r}")
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise TypeError(f"state {name} must be an int, got {type(value).__name__} {value!r}") from None
+    if not low <= value < _INT64:
+        raise ValueError(f"state {name} = {value} is outside [{low}, 2^63)")
+    return value
 
 
 def run_eagerly(fn: Callable) -> Callable:
@@ -211,36 +229,56 @@ class GibbsAdapter:
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _make_beta(beta: float | Tensor, n: int, device, prior: str) -> tuple[Tensor, float]:
+        """The ``[N]`` float32 β in use and β_0, checked once: every value must
+        be positive and finite *as the float32 the kernels read* (1e-46 is 0
+        there, 1e39 is inf) and β_0 must be a finite float32 too."""
         if isinstance(beta, Tensor):
             if beta.dim() == 0:
-                beta = float(beta)
+                beta = beta.item()
             else:
                 if beta.dim() != 1 or beta.numel() != n:
                     raise ValueError(f"beta must be a float or an [N] = [{n}] tensor, got shape {tuple(beta.shape)}")
-                if not beta.is_floating_point():
-                    beta = beta.double()
-                if not bool(torch.isfinite(beta).all()) or bool((beta <= 0).any()):
-                    bad = int((~torch.isfinite(beta) | (beta <= 0)).nonzero()[0, 0])
-                    raise ValueError(f"beta must be positive and finite: beta[{bad}] = {float(beta[bad])}")
+                if beta.dtype == torch.bool or beta.is_complex():
+                    raise TypeError(f"beta must hold real numbers, got dtype {beta.dtype}")
                 vector = beta.detach().to(device=device, dtype=torch.float32)
         if not isinstance(beta, Tensor):
+            if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
+                raise TypeError(f"beta must be a positive float or an [N] tensor, got {type(beta).__name__} {beta!r}")
             value = float(beta)
             if not (value > 0 and value < float("inf")):
                 raise ValueError(f"beta must be positive and finite, got {value}")
             vector = torch.full((n,), value, dtype=torch.float32, device=device)
         if prior == "total":
             vector = vector / n
-        return vector, float(vector.double().sum())
+        bad = ~torch.isfinite(vector) | (vector <= 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            shown = float(beta[i]) if isinstance(beta, Tensor) else float(beta)
+            raise ValueError(
+                f"beta must be positive and finite: beta[{i}] = {shown:g} is {float(vector[i]):g} as the "
+                f"float32 the sampler uses (prior={prior!r}); float32 holds about 1.2e-38 to 3.4e38"
+            )
+        beta0 = float(vector.double().sum())
+        if not beta0 <= _FLOAT32_MAX:
+            raise ValueError(f"beta0 = sum of beta = {beta0:g} is beyond float32 (3.4e38): choose a smaller beta")
+        return vector, beta0
 
-    def _recount(self) -> None:
-        """Ω and n from the labels (Eq. 5)."""
-        self.counts_t.zero_()
-        self.group_totals.zero_()
-        cols = self._labels + self._offsets_t
+    def _histogram(self, labels: Tensor) -> tuple[Tensor, Tensor]:
+        """Ω (``counts_t``) and n (``group_totals``) of ``labels`` (Eq. 5), new tensors."""
+        counts_t = torch.zeros(self.num_classes, self.upper_width, dtype=torch.int32, device=labels.device)
+        totals = torch.zeros(self.upper_width, dtype=torch.int32, device=labels.device)
+        cols = labels + self._offsets_t
         rows = self.train_targets[:, None].expand_as(cols)
         ones = torch.ones(cols.numel(), dtype=torch.int32, device=cols.device)
-        self.counts_t.index_put_((rows.reshape(-1), cols.reshape(-1)), ones, accumulate=True)
-        self.group_totals.index_add_(0, cols.reshape(-1), ones)
+        counts_t.index_put_((rows.reshape(-1), cols.reshape(-1)), ones, accumulate=True)
+        totals.index_add_(0, cols.reshape(-1), ones)
+        return counts_t, totals
+
+    def _recount(self) -> None:
+        """Ω and n from the labels (Eq. 5), in place."""
+        counts_t, totals = self._histogram(self._labels)
+        self.counts_t.copy_(counts_t)
+        self.group_totals.copy_(totals)
 
     @property
     def _empty(self) -> list[Tensor] | None:
@@ -636,58 +674,104 @@ class GibbsAdapter:
             "psi_synced": self._psi_synced,
         }
 
-    @torch.no_grad()
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`'s output (validated; the tensors keep this
-        adapter's device). If Ψ had been adapted, the loss's Ψ is rebuilt from
-        the restored counts, so it matches the saved run's Ψ."""
+    def _validated_state(self, state: Any) -> dict[str, Any]:
+        """Checks a :meth:`state_dict` output against this adapter without
+        changing anything; returns the values to apply (tensors on this
+        adapter's device). ValueError/TypeError/KeyError name the entry."""
+        if not isinstance(state, Mapping):
+            raise TypeError(f"GibbsAdapter state must be a dict (from state_dict()), got {type(state).__name__}")
         missing = {"version", "seed", "step", "level_sizes", "num_classes", "beta", "beta0",
                    "non_overlapping", "train_targets", "labels", "counts_t", "group_totals",
                    "psi_synced"} - set(state)
         if missing:
             raise KeyError(f"GibbsAdapter state is missing {sorted(missing)}")
-        if state["version"] != _STATE_VERSION:
-            raise ValueError(f"GibbsAdapter state version {state['version']} is not {_STATE_VERSION}")
-        if list(state["level_sizes"]) != self.level_sizes or int(state["num_classes"]) != self.num_classes:
+        if isinstance(state["version"], bool) or state["version"] != _STATE_VERSION:
+            raise ValueError(f"GibbsAdapter state version {state['version']!r} is not {_STATE_VERSION}")
+        sizes, n = state["level_sizes"], state["num_classes"]
+        if not isinstance(sizes, (list, tuple)) or list(sizes) != self.level_sizes or n != self.num_classes:
             raise ValueError(
-                f"state is for upper levels {list(state['level_sizes'])} over {state['num_classes']} classes, "
+                f"state is for upper levels {sizes!r} over {n!r} classes, "
                 f"this adapter has {self.level_sizes} over {self.num_classes}"
             )
-        if bool(state["non_overlapping"]) != self.non_overlapping:
+        seed = _state_int(state["seed"], "seed", -_INT64)
+        step = _state_int(state["step"], "step", 0)
+        for key in ("non_overlapping", "psi_synced"):
+            if not isinstance(state[key], bool):
+                raise TypeError(f"state {key} must be True or False, got {type(state[key]).__name__} {state[key]!r}")
+        if state["non_overlapping"] != self.non_overlapping:
             raise ValueError(
-                f"state was saved by an adapter with non_overlapping={bool(state['non_overlapping'])} but this "
+                f"state was saved by an adapter with non_overlapping={state['non_overlapping']} but this "
                 f"adapter has non_overlapping={self.non_overlapping}: build it with "
-                f"GibbsAdapter(..., non_overlapping={bool(state['non_overlapping'])}) to resume that run"
+                f"GibbsAdapter(..., non_overlapping={state['non_overlapping']}) to resume that run"
             )
-        targets = state["train_targets"]
+        prior = state.get("prior", self.prior)
+        if prior not in PRIORS:
+            raise ValueError(f"state prior must be one of {PRIORS}, got {prior!r}")
+        tensors = {}
+        for key in ("train_targets", "labels", "counts_t", "group_totals", "beta"):
+            value = state[key]
+            if not isinstance(value, Tensor):
+                raise TypeError(f"state {key} must be a tensor, got {type(value).__name__}")
+            tensors[key] = value.detach()
+        targets = tensors["train_targets"]
         if targets.shape != self.train_targets.shape or not torch.equal(targets.to(self.device), self.train_targets):
             raise ValueError("state has different train_targets than this adapter")
-        labels = state["labels"]
+        labels = tensors["labels"]
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"state labels must hold integer group ids, got dtype {labels.dtype}")
         if tuple(labels.shape) != tuple(self._labels.shape):
             raise ValueError(f"state labels have shape {tuple(labels.shape)}, expected {tuple(self._labels.shape)}")
-        sizes = torch.tensor(self.level_sizes)
-        if bool((labels < 0).any()) or bool((labels >= sizes[None, :]).any()):
+        labels = labels.to(self.device, torch.int64)
+        limits = torch.tensor(self.level_sizes, device=self.device)
+        if bool((labels < 0).any()) or bool((labels >= limits[None, :]).any()):
             raise ValueError("state labels hold group ids outside their level")
-        beta = state["beta"]
-        if tuple(beta.shape) != (self.num_classes,) or bool((beta <= 0).any()):
-            raise ValueError("state beta must be a positive [N] tensor")
-        saved_labels = self._labels.clone()
-        self._labels.copy_(labels.to(self._labels))
-        self._recount()
-        counts_ok = torch.equal(self.counts_t.cpu(), state["counts_t"].to(torch.int32)) and torch.equal(
-            self.group_totals.cpu(), state["group_totals"].to(torch.int32))
-        if not counts_ok:
-            self._labels.copy_(saved_labels)
-            self._recount()
-            raise ValueError("state counts are not the histogram of its labels (Eq. 5): the state is corrupt")
-        self.beta.copy_(beta.to(self.beta))
-        self.beta0 = float(state["beta0"])
-        self.prior = state.get("prior", self.prior)
-        self.seed = int(state["seed"])
-        self.step_count = int(state["step"])
+        counts_t, totals = self._histogram(labels)
+        for key, expected in (("counts_t", counts_t), ("group_totals", totals)):
+            given = tensors[key]
+            if given.shape != expected.shape or given.is_floating_point() or not torch.equal(
+                    given.to(self.device, torch.int32), expected):
+                raise ValueError(f"state {key} is not the histogram of its labels (Eq. 5): the state is corrupt")
+        beta = tensors["beta"]
+        if tuple(beta.shape) != (self.num_classes,) or not beta.is_floating_point():
+            raise ValueError(f"state beta must be a floating [N] = [{self.num_classes}] tensor, "
+                             f"got {beta.dtype} of shape {tuple(beta.shape)}")
+        beta = beta.to(self.device, torch.float32)
+        bad = ~torch.isfinite(beta) | (beta <= 0)
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0, 0])
+            raise ValueError(f"state beta must be positive and finite: beta[{i}] = {float(beta[i])}")
+        beta0 = state["beta0"]
+        if isinstance(beta0, bool) or not isinstance(beta0, numbers.Real) or not 0 < float(beta0) <= _FLOAT32_MAX:
+            raise ValueError(f"state beta0 must be a positive finite number, got {beta0!r}")
+        total = float(beta.double().sum())
+        if abs(float(beta0) - total) > 1e-9 * total:
+            raise ValueError(f"state beta0 = {float(beta0)!r} is not the sum of its beta ({total!r})")
+        self._check_devices()
+        return dict(seed=seed, step=step, non_overlapping=state["non_overlapping"], psi_synced=state["psi_synced"],
+                    prior=prior, labels=labels, counts_t=counts_t, group_totals=totals, beta=beta,
+                    beta0=float(beta0))
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output (the tensors keep this adapter's
+        device). The whole state is validated first: a refused state (a
+        ValueError, TypeError or KeyError naming the entry) changes nothing,
+        neither the adapter nor the loss's Ψ. If Ψ had been adapted, the
+        loss's Ψ is rebuilt from the restored counts, so it matches the saved
+        run's Ψ."""
+        valid = self._validated_state(state)
+        self._labels.copy_(valid["labels"])
+        self.counts_t.copy_(valid["counts_t"])
+        self.group_totals.copy_(valid["group_totals"])
+        self.beta.copy_(valid["beta"])
+        self.beta0 = valid["beta0"]
+        self.prior = valid["prior"]
+        self.non_overlapping = valid["non_overlapping"]
+        self.seed = valid["seed"]
+        self.step_count = valid["step"]
         self._owner = self._numerator = self._kept = self._nonzero = self._bound = None
         self._psi_synced = False
-        if state["psi_synced"]:
+        if valid["psi_synced"]:
             self.refresh_psi()
 
     def extra_repr(self) -> str:

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.compare.report import spread_note
+from lmm_fast.compare.runs import spread_note
 
 __all__ = [
     "DECISION_SETTINGS",

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from lmm_fast.compare.protocol import SETTING_LABELS, SETTINGS, TABLE_I, TABLE_IV, setting_label
-from lmm_fast.compare.runs import TOPK
+from lmm_fast.compare.runs import TOPK, spread_note
 
 
 # ---------------------------------------------------------------------------
@@ -97,13 +97,6 @@ def _num(stat: dict[str, Any], digits: int = 2) -> str:
     if stat["n"] < 2:
         return f"{stat['mean']:.{digits}f}"
     return f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
-
-
-def spread_note(seeds: int) -> str:
-    """How the cells read: ``mean ± std over S seeds``, or single values for one seed."""
-    if seeds < 2:
-        return "1 seed: single values, no spread (mean ± std and the verdicts need --seeds 2 or more)"
-    return f"mean ± std over {seeds} seeds"
 
 
 def format_accuracy_tables(summary: dict[str, Any], task_line: str, seeds: int) -> str:

@@ -234,3 +234,10 @@ def evaluate_proba(proba: Tensor, test_y: Tensor, semantic, tail: Tensor, topk: 
     result.update(class_views(per_class, tail))
     result.update(distance_views(proba, test_y, semantic))
     return result
+
+
+def spread_note(seeds: int) -> str:
+    """How the cells read: ``mean ± std over S seeds``, or single values for one seed."""
+    if seeds < 2:
+        return "1 seed: single values, no spread (mean ± std and the verdicts need --seeds 2 or more)"
+    return f"mean ± std over {seeds} seeds"

@@ -115,9 +115,16 @@ def check_class_names(class_names: Any, num_classes: int) -> list[str] | None:
         raise ValueError(
             f"class_names has {len(names)} entries but there are {num_classes} classes"
         )
+    first_at: dict[str, int] = {}
     for i, name in enumerate(names):
         if not isinstance(name, str):
             raise TypeError(f"class_names[{i}] must be a str, got {type(name).__name__}")
+        if name in first_at:
+            raise ValueError(
+                f"class_names[{i}] = {name!r} repeats class_names[{first_at[name]}]: every class needs "
+                f"its own name (disambiguate, e.g. {name + ' (2)'!r})"
+            )
+        first_at[name] = i
     return names
 
 

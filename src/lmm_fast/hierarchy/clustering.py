@@ -34,7 +34,8 @@ def _capacitated_assign(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) 
     most by not getting their best open part (largest regret) are served first,
     in rounds: each round every unassigned point proposes to its best open
     part, every part keeps the proposers it has room for, and a part that turned
-    someone away is full. At most b rounds. Then parts below ``lo`` take the
+    someone away is full. At most b rounds (non-finite costs count as the
+    largest finite one, so this holds for any input). Then parts below ``lo`` take the
     points that are cheapest to move from parts above their own ``lo``.
 
     Args:
@@ -46,12 +47,25 @@ def _capacitated_assign(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) 
     """
     n, b = cost.shape
     device = cost.device
+    if int(hi.sum()) < n or int(lo.sum()) > n or bool((lo > hi).any()):
+        raise ValueError(
+            f"part sizes cannot be met: {n} points, lower bounds {lo.tolist()}, upper bounds {hi.tolist()}"
+        )
+    # A non-finite cost (an overflow upstream) would tie an open part with a
+    # closed one (+inf below), and a point could propose to a full part
+    # forever. With every cost finite an open part is always preferred, so
+    # each round either places every pending point or turns someone away
+    # from a part that is then full: at most b rounds, for any input.
+    big = torch.finfo(cost.dtype).max
+    cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=-big)
     labels = torch.full((n,), -1, dtype=torch.int64, device=device)
     counts = torch.zeros(b, dtype=torch.int64, device=device)
     is_open = torch.ones(b, dtype=torch.bool, device=device)
     pending = torch.arange(n, device=device)
     inf = torch.tensor(float("inf"), dtype=cost.dtype, device=device)
-    while pending.numel():
+    for _ in range(b):
+        if not pending.numel():
+            break
         c = torch.where(is_open.unsqueeze(0), cost[pending], inf)
         if int(is_open.sum()) >= 2:
             best2, idx2 = c.topk(2, dim=1, largest=False)
@@ -71,6 +85,8 @@ def _capacitated_assign(cost: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) 
         counts += torch.bincount(chosen[accept], minlength=b)
         is_open = counts < hi
         pending = pending[order[~accept]]
+    if pending.numel():  # pragma: no cover - excluded by the argument above
+        raise RuntimeError(f"capacitated assignment: {pending.numel()} points left after {b} rounds")
 
     deficit = (lo - counts).clamp_min(0)
     for part in deficit.nonzero().flatten().tolist():
@@ -181,7 +197,9 @@ def _balanced_kmeans(
     best_labels, best_centres, best_inertia = None, None, float("inf")
     for _ in range(n_init):
         labels, centres, inertia = _lloyd(sample, _kmeanspp(sample, lo.numel(), gen), lo_s, hi_s, max_iter)
-        if inertia < best_inertia:
+        # The first restart is kept whatever its inertia (it may be inf or NaN
+        # for points near the float limit); a later one only when it is better.
+        if best_labels is None or inertia < best_inertia:
             best_labels, best_centres, best_inertia = labels, centres, inertia
     if sample is x:
         return best_labels
@@ -275,7 +293,15 @@ def _allocate_children(sizes: np.ndarray, total: int, min_size: int, max_size: i
         lo, hi = np.ones_like(sizes), sizes.copy()
     ideal = sizes * (total / sizes.sum())
     counts = np.clip(np.floor(ideal), lo, hi).astype(np.int64)
-    while (diff := total - int(counts.sum())) != 0:
+    if not int(lo.sum()) <= total <= int(hi.sum()):
+        raise ValueError(f"{total} child groups cannot be split among parents of sizes {sizes.tolist()}")
+    # Each round moves |diff| closer to 0 by at least one (there is room on
+    # the side it moves to, as lo.sum() <= total <= hi.sum()): at most
+    # |diff| rounds.
+    for _ in range(abs(total - int(counts.sum()))):
+        diff = total - int(counts.sum())
+        if diff == 0:
+            break
         if diff > 0:
             room = counts < hi
             score = np.where(room, ideal - counts, -np.inf)
@@ -286,6 +312,8 @@ def _allocate_children(sizes: np.ndarray, total: int, min_size: int, max_size: i
             score = np.where(room, ideal - counts, np.inf)
             pick = np.argsort(score, kind="stable")[: min(-diff, int(room.sum()))]
             counts[pick] -= 1
+    if int(counts.sum()) != total:  # pragma: no cover - excluded by the argument above
+        raise RuntimeError(f"child allocation: {int(counts.sum())} groups instead of {total}")
     return counts, feasible
 
 

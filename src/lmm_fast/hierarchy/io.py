@@ -20,6 +20,25 @@ FORMAT_VERSION = 1
 # Validation of the serialised form
 # ---------------------------------------------------------------------------
 
+
+def unique_keys(pairs: list[tuple[str, Any]], source: str = "JSON") -> dict[str, Any]:
+    """``object_pairs_hook`` for :func:`json.load`: a JSON object as a dict,
+    refusing a key that occurs twice (plain ``json`` keeps the last one)."""
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"{source}: key {key!r} occurs more than once in one JSON object")
+        out[key] = value
+    return out
+
+
+def _first_outside(values: list, low: int, high: int) -> int | None:
+    """Position of the first entry that is not an int in ``[low, high)``, or None."""
+    for position, value in enumerate(values):
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+            return position
+    return None
+
 _REQUIRED_KEYS = ("format", "format_version", "num_classes", "level_sizes", "nested", "assignments")
 
 
@@ -67,22 +86,24 @@ def parse_hierarchy(data: Any, source: str) -> dict[str, Any]:
             raise fail(f"assignments[{i}] must be a list of num_classes = {n} ints, got {got}")
         if not all(isinstance(g, int) and not isinstance(g, bool) for g in raw):
             raise fail(f"assignments[{i}] must contain only ints")
+        # Ids are checked as Python ints, before any tensor: one beyond int64
+        # would not convert, and a large one must not size an allocation.
+        bad = _first_outside(raw, 0, k)
+        if bad is not None:
+            raise fail(f"assignments[{i}][{bad}] = {raw[bad]} is out of range [0, {k})")
         groups = torch.tensor(raw, dtype=torch.int64)
-        try:
-            if dense:
-                if int(groups.min()) < 0 or int(groups.max()) >= k:
-                    check_assignment(groups, k, f"assignments[{i}]")
-            else:
+        if not dense:
+            try:
                 check_assignment(groups, k, f"assignments[{i}]")
-        except ValueError as exc:
-            raise fail(str(exc)) from None
+            except ValueError as exc:
+                raise fail(str(exc)) from None
         levels.append(groups)
 
     psi = None
     if dense:
         psi = parse_psi(psi_data, sizes, n, fail)
         for i, (p, groups) in enumerate(zip(psi, levels)):
-            if not torch.equal(p.argmax(dim=0), groups):
+            if not torch.equal(sparse_argmax(p), groups):
                 raise fail(f"assignments[{i}] is not the argmax group of every class under psi[{i}]")
     elif nested:
         for i in range(1, len(levels)):
@@ -111,6 +132,13 @@ def parse_hierarchy(data: Any, source: str) -> dict[str, Any]:
 
 
 def parse_psi(psi_data: Any, sizes: Sequence[int], n: int, fail) -> list[torch.Tensor]:
+    """The Ψ of a dense hierarchy from its listed non-zeros, one coalesced
+    sparse COO float32 ``[N_l, N]`` tensor per level (zero entries dropped).
+
+    Everything is checked on the entries themselves (O(entries + N_l + N)
+    memory): indices, duplicates, values, row sums; no ``N_l x N`` matrix is
+    formed, so a small file cannot cost gigabytes.
+    """
     if not isinstance(psi_data, list) or len(psi_data) != len(sizes):
         raise fail(f"psi must be null or a list of {len(sizes)} sparse matrices")
     out = []
@@ -122,22 +150,47 @@ def parse_psi(psi_data: Any, sizes: Sequence[int], n: int, fail) -> list[torch.T
         rows, cols, values = entry["rows"], entry["cols"], entry["values"]
         if not all(isinstance(v, list) for v in (rows, cols, values)) or not len(rows) == len(cols) == len(values):
             raise fail(f"psi[{i}] rows, cols and values must be lists of equal length")
+        for name, indices, bound in (("rows", rows, k), ("cols", cols, n)):
+            bad = _first_outside(indices, 0, bound)
+            if bad is not None:
+                raise fail(f"psi[{i}] has indices outside [0, {k}) x [0, {n}): "
+                           f"{name}[{bad}] = {indices[bad]!r}")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            raise fail(f"psi[{i}] values must be numbers")
+        r = torch.tensor(rows, dtype=torch.int64)
+        c = torch.tensor(cols, dtype=torch.int64)
         try:
-            r = torch.tensor(rows, dtype=torch.int64)
-            c = torch.tensor(cols, dtype=torch.int64)
             v = torch.tensor(values, dtype=torch.float64)
-        except (TypeError, ValueError, RuntimeError) as exc:
-            raise fail(f"psi[{i}] has non-numeric entries ({exc})") from None
-        if r.numel() and (int(r.min()) < 0 or int(r.max()) >= k or int(c.min()) < 0 or int(c.max()) >= n):
-            raise fail(f"psi[{i}] has indices outside [0, {k}) x [0, {n})")
+        except (OverflowError, RuntimeError) as exc:
+            raise fail(f"psi[{i}] has values out of range ({exc})") from None
         if not bool(torch.isfinite(v).all()) or bool((v < 0).any()):
             raise fail(f"psi[{i}] values must be finite and non-negative")
-        p = torch.zeros(k, n, dtype=torch.float32)
-        p[r, c] = v.to(torch.float32)
-        row_sums = p.double().sum(1)
+        keys = r * n + c
+        ordered, order = torch.sort(keys, stable=True)
+        repeated = (ordered[1:] == ordered[:-1]).nonzero().flatten()
+        if repeated.numel():
+            first = int(order[int(repeated[0]) + 1])
+            raise fail(f"psi[{i}] lists entry ({rows[first]}, {cols[first]}) more than once (position {first})")
+        v = v.to(torch.float32)
+        row_sums = torch.zeros(k, dtype=torch.float64).index_add_(0, r, v.double())
         bad = ((row_sums - 1.0).abs() > 1e-4).nonzero().flatten()
         if bad.numel():
             t = int(bad[0])
             raise fail(f"psi[{i}] row {t} sums to {float(row_sums[t]):.6g}, not 1")
+        keep = v != 0
+        p = torch.sparse_coo_tensor(torch.stack([r[keep], c[keep]]), v[keep], (k, n), check_invariants=True).coalesce()
         out.append(p)
     return out
+
+
+def sparse_argmax(p: torch.Tensor) -> torch.Tensor:
+    """``p.to_dense().argmax(dim=0)`` (first maximum) of a coalesced sparse
+    non-negative ``[K, N]`` matrix, without forming it: a column without a
+    positive entry has its maximum, 0, first in row 0."""
+    k, n = p.shape
+    rows, cols = p.indices()
+    values = p.values()
+    col_max = torch.zeros(n, dtype=values.dtype).scatter_reduce(0, cols, values, reduce="amax")
+    at_max = (values == col_max[cols]) & (values > 0)
+    first = torch.full((n,), k, dtype=torch.int64).scatter_reduce(0, cols[at_max], rows[at_max], reduce="amin")
+    return torch.where(col_max > 0, first, torch.zeros_like(first))

@@ -51,11 +51,22 @@ def class_means(
         raise ValueError(f"labels must be >= 0, found {lowest}")
     highest = int(y.max())
     if num_classes is None:
+        if highest >= y.numel():
+            # every class in [0, highest] needs a sample: refused before the
+            # id sizes a count
+            raise ValueError(
+                f"labels holds class id {highest} but there are only {y.numel()} samples: every class "
+                f"0..{highest} would need one (class ids must be 0..N-1)"
+            )
         num_classes = highest + 1
     else:
         num_classes = operator.index(num_classes)
         if highest >= num_classes:
             raise ValueError(f"labels must be < num_classes = {num_classes}, found {highest}")
+        if num_classes > y.numel():
+            raise ValueError(
+                f"num_classes = {num_classes} but there are only {y.numel()} samples: every class needs one"
+            )
     counts = torch.bincount(y, minlength=num_classes)
     missing = (counts == 0).nonzero().flatten()
     if missing.numel():
@@ -66,7 +77,63 @@ def class_means(
         )
     sums = torch.zeros(num_classes, x.shape[1], dtype=x.dtype, device=x.device)
     sums.index_add_(0, y, x)
-    return sums / counts.to(x.dtype).unsqueeze(1)
+    means = sums / counts.to(x.dtype).unsqueeze(1)
+    if x.dtype != torch.float64 and not bool(torch.isfinite(means).all()):
+        # The float32 sums overflowed (features near the float32 limit); the
+        # means of finite features are finite, so sum in float64.
+        sums = torch.zeros(num_classes, x.shape[1], dtype=torch.float64, device=x.device)
+        sums.index_add_(0, y, x.double())
+        means = (sums / counts.to(torch.float64).unsqueeze(1)).to(x.dtype)
+    return means
+
+
+# Rows whose largest entry lies outside [2^-32, 2^32] are rescaled by a power
+# of two before any distance is formed: squared distances of float32 rows
+# overflow from about 1e19 on (and of float64 rows from 1e154), and an
+# overflow makes every later comparison NaN. A power-of-two factor is exact,
+# so the distances only change by that factor and the clustering not at all.
+_SAFE_EXPONENT = 32
+# Rows far from the origin compared with their spread (all near 1e18, say)
+# lose their differences in ||a||^2 - 2 a.b + ||b||^2; below this ratio of
+# spread to magnitude they are centred first, in float64 (Euclidean only:
+# a translation leaves Euclidean distances unchanged, not cosine ones).
+_CENTRE_RATIO = 2.0**-10
+
+
+def condition_points(means: torch.Tensor, metric: str) -> tuple[torch.Tensor, float]:
+    """Rows in the metric's geometry, in a range where distances are safe to form.
+
+    Returns ``(points, scale)``: the rows to compute with and the factor of
+    their distances, ``d(means_i, means_j) = scale * d(points_i, points_j)``
+    (1.0 for the cosine metric, which ignores the scale). Rows of ordinary
+    magnitude are returned as :func:`prepare_points` gives them (``scale`` 1);
+    rows that had to be rescaled or centred come back in float64, whose range
+    keeps the small differences of rows that span many orders of magnitude.
+    """
+    x = means
+    scale = 1.0
+    if x.numel():
+        wide = x.detach().double()
+        largest = float(wide.abs().max())
+        if metric == "euclidean" and largest > 0:
+            spread = float((wide - wide.mean(0)).abs().max())
+            if spread < largest * _CENTRE_RATIO:
+                wide = wide - wide.mean(0)
+                x = wide
+                largest = spread
+        if largest > 0:
+            exponent = math.frexp(largest)[1]
+            if metric == "euclidean" and exponent > 1000:
+                # d = scale * d(points) would not be a float64 any more
+                raise ValueError(
+                    f"means: entries up to {largest:.3g} are too large, their distances overflow "
+                    f"float64; rescale the class representations"
+                )
+            if abs(exponent) > _SAFE_EXPONENT:
+                x = wide * 2.0**-exponent
+                if metric == "euclidean":
+                    scale = 2.0**exponent
+    return prepare_points(x, metric), scale
 
 
 def prepare_points(means: torch.Tensor, metric: str) -> torch.Tensor:
@@ -117,7 +184,7 @@ def self_tuning_sigma(
         σ > 0 as a Python float.
     """
     check_choice(metric, "metric", METRICS)
-    x = prepare_points(as_float_matrix(means, "means"), metric)
+    x, scale = condition_points(as_float_matrix(means, "means"), metric)
     n = x.shape[0]
     if n < 2:
         raise ValueError(f"means needs at least 2 classes to define a distance, got {n}")
@@ -142,6 +209,12 @@ def self_tuning_sigma(
         # Many duplicated classes: fall back to the typical non-zero neighbour distance.
         positive = kth_dist[kth_dist > 0]
         sigma = float(positive.median()) if positive.numel() else 1.0
+    sigma *= scale
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(
+            f"means: the distances between class representations are not finite (sigma = {sigma}); "
+            f"their largest entry is {float(as_float_matrix(means, 'means').abs().max()):.3g}"
+        )
     return sigma
 
 
@@ -156,11 +229,12 @@ def similarity_matrix(
         metric: ``"euclidean"`` or ``"cosine"``.
     """
     check_choice(metric, "metric", METRICS)
-    x = prepare_points(as_float_matrix(means, "means"), metric)
+    means = as_float_matrix(means, "means")
     if sigma is None:
-        sigma = self_tuning_sigma(x, metric=metric)
+        sigma = self_tuning_sigma(means, metric=metric)
     if not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
         raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
-    s = _pairwise_distance(x, x, metric).div_(-sigma).exp_()
+    x, scale = condition_points(means, metric)
+    s = _pairwise_distance(x, x, metric).div_(-(sigma / scale)).exp_()
     s.fill_diagonal_(1.0)
     return s

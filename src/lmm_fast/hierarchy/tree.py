@@ -47,6 +47,7 @@ import gzip
 import json
 import math
 import os
+from functools import partial
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -55,8 +56,8 @@ import torch
 from lmm_fast.hierarchy.checks import (ArrayLike, as_float_matrix, as_index_vector, check_assignment, check_choice,
                                        check_class_names, check_level_sizes, nesting_violation, to_tensor)
 from lmm_fast.hierarchy.clustering import DEFAULT_BALANCE, balanced_partition, canonical_ids, dendrogram_partition
-from lmm_fast.hierarchy.io import FORMAT_NAME, FORMAT_VERSION, parse_hierarchy
-from lmm_fast.hierarchy.similarity import METRICS, class_means, prepare_points, self_tuning_sigma
+from lmm_fast.hierarchy.io import FORMAT_NAME, FORMAT_VERSION, parse_hierarchy, unique_keys
+from lmm_fast.hierarchy.similarity import METRICS, class_means, condition_points, self_tuning_sigma
 from lmm_fast.hierarchy.taxonomy import encode_names, taxonomy_levels
 
 
@@ -104,8 +105,18 @@ class Hierarchy:
         self._assignments = [a.detach().to("cpu", torch.int64).contiguous() for a in assignments]
         self._level_sizes = [int(k) for k in level_sizes]
         self._nested = bool(nested)
-        self._psi = None if psi is None else [p.detach().to("cpu", torch.float32).contiguous() for p in psi]
+        # Ψ of a dense hierarchy: dense [N_l, N] float32 (from_confusion), or a
+        # coalesced sparse COO tensor without zero entries (load: the file
+        # lists the non-zeros, and N_l x N floats need not be allocated for them).
+        self._psi = None if psi is None else [
+            p.detach().to("cpu", torch.float32).coalesce() if p.is_sparse
+            else p.detach().to("cpu", torch.float32).contiguous()
+            for p in psi
+        ]
         self._class_names = None if class_names is None else list(class_names)
+        if sigma is not None and not (math.isfinite(float(sigma)) and float(sigma) > 0):
+            # save() writes strict JSON: a sigma it cannot write is refused here.
+            raise ValueError(f"sigma must be None or a finite number > 0, got {sigma!r}")
         self._sigma = None if sigma is None else float(sigma)
         self._info = dict(info or {})
         self._group_names = None if group_names is None else [list(names) for names in group_names]
@@ -197,17 +208,26 @@ class Hierarchy:
             raise TypeError(f"unexpected keyword arguments {sorted(unknown)}")
         if method != "balanced" and options:
             raise TypeError(f"{sorted(options)} apply to method='balanced' only")
-        points = prepare_points(x, metric)
+        # Distances are formed on rows rescaled (and, far from the origin,
+        # centred) into a safe range: d = scale * d(points). See condition_points.
+        points, scale = condition_points(x, metric)
         if sigma is None:
-            sigma = self_tuning_sigma(points, metric=metric, seed=seed)
-        elif not (isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0):
+            sigma = self_tuning_sigma(points, metric=metric, seed=seed) * scale
+            if not math.isfinite(sigma):
+                raise ValueError(
+                    f"means: the self-tuned sigma overflows ({sigma}); the class representations "
+                    f"span too large a range (largest entry {float(x.abs().max()):.3g})"
+                )
+        elif isinstance(sigma, bool) or not (
+            isinstance(sigma, (int, float)) and math.isfinite(sigma) and sigma > 0
+        ):
             raise ValueError(f"sigma must be a finite number > 0, got {sigma!r}")
         if method == "balanced":
             levels = balanced_partition(
                 points, sizes, balance=balance, seed=seed, progress=progress, **options
             )
         else:
-            levels = dendrogram_partition(points, sizes, method, metric, float(sigma))
+            levels = dendrogram_partition(points, sizes, method, metric, float(sigma) / scale)
         levels = canonical_ids(levels, sizes)
         info: dict[str, Any] = {"source": "class_means", "method": method, "metric": metric, "seed": int(seed)}
         if method == "balanced":
@@ -311,6 +331,13 @@ class Hierarchy:
             elif int(a.min()) < 0:
                 bad = int((a < 0).nonzero()[0, 0])
                 raise ValueError(f"assignments[{i}][{bad}] = {int(a[bad])} is negative (or pass relabel=True)")
+            elif int(a.max()) >= n:
+                # A level has fewer than N groups; checked before an id sizes a count.
+                bad = int((a >= n).nonzero()[0, 0])
+                raise ValueError(
+                    f"assignments[{i}][{bad}] = {int(a[bad])} is too large: a level of N = {n} classes "
+                    f"has fewer than N groups, so ids must be < {n - 1} (or pass relabel=True)"
+                )
             k = int(levels[i].max()) + 1
             check_assignment(levels[i], k, f"assignments[{i}]")
             sizes.append(k)
@@ -442,8 +469,12 @@ class Hierarchy:
         out = []
         if self._psi is not None:
             for p in self._psi:
-                p = p.to(device=device, dtype=dtype)
-                out.append(p.to_sparse_coo().coalesce() if sparse else p)
+                if p.is_sparse:
+                    p = p.to(dtype=dtype)
+                    out.append(p.to(device) if sparse else p.to_dense().to(device))
+                else:
+                    p = p.to(device=device, dtype=dtype)
+                    out.append(p.to_sparse_coo().coalesce() if sparse else p)
             return out
         cols = torch.arange(self.num_classes)
         for groups, k in zip(self._assignments, self._level_sizes):
@@ -578,14 +609,20 @@ class Hierarchy:
         if self._psi is not None:
             entries = []
             for p in self._psi:
-                idx = p.nonzero()
+                # Row-major order either way (coalesced indices are sorted).
+                if p.is_sparse:
+                    rows, cols = p.indices()
+                    values = p.values()
+                else:
+                    rows, cols = p.nonzero().t()
+                    values = p[rows, cols]
                 # float32 -> Python float is exact, and so is the way back.
                 entries.append(
                     {
                         "shape": list(p.shape),
-                        "rows": idx[:, 0].tolist(),
-                        "cols": idx[:, 1].tolist(),
-                        "values": p[idx[:, 0], idx[:, 1]].double().tolist(),
+                        "rows": rows.tolist(),
+                        "cols": cols.tolist(),
+                        "values": values.double().tolist(),
                     }
                 )
             data["psi"] = entries
@@ -643,11 +680,14 @@ class Hierarchy:
         """Reads a file written by :meth:`save`, validating it (ValueError on any problem)."""
         path = os.fspath(path)
         opener = gzip.open if path.endswith(".gz") else open
+        source = f"hierarchy file {path!r}"
         try:
             with opener(path, "rt", encoding="utf-8") as f:
-                data = json.load(f)
+                data = json.load(f, object_pairs_hook=partial(unique_keys, source=source))
         except json.JSONDecodeError as exc:
-            raise ValueError(f"hierarchy file {path!r}: not valid JSON ({exc})") from None
+            raise ValueError(f"{source}: not valid JSON ({exc})") from None
         except (UnicodeDecodeError, gzip.BadGzipFile, EOFError) as exc:
-            raise ValueError(f"hierarchy file {path!r}: unreadable ({exc})") from None
-        return cls(**parse_hierarchy(data, f"hierarchy file {path!r}"))
+            raise ValueError(f"{source}: unreadable ({exc})") from None
+        except RecursionError:
+            raise ValueError(f"{source}: JSON nested too deeply to be a hierarchy file") from None
+        return cls(**parse_hierarchy(data, source))

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.ops import library  # noqa: F401  (loads the library, registering the operators)
+from lmm_fast.ops.library import check_one_device  # (importing it loads the library, registering the ops)
 
 __all__ = ["gibbs_apply_moves", "gibbs_check_batch", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
            "gibbs_update_owners", "gibbs_update_owners_emulated"]
@@ -247,6 +247,8 @@ def _written(*tensors: Tensor) -> None:
 @torch.library.register_fake("lmm_fast::gibbs_sample")
 def _gibbs_sample_fake(logits, target, old_labels, counts_t, group_totals, beta, beta0, level_sizes,
                        seed, step, image_ids):
+    check_one_device("gibbs_sample", logits=logits, target=target, old_labels=old_labels, counts_t=counts_t,
+                     group_totals=group_totals, beta=beta, image_ids=image_ids)
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(old_labels.dim() == 2, lambda: "lmm_fast: old_labels must be [B, L-1]")
     return torch.empty(old_labels.shape, dtype=old_labels.dtype, device=old_labels.device)
@@ -255,6 +257,8 @@ def _gibbs_sample_fake(logits, target, old_labels, counts_t, group_totals, beta,
 @torch.library.register_fake("lmm_fast::gibbs_sample_exact")
 def _gibbs_sample_exact_fake(logits, target, old_labels, counts_t, group_totals, beta, beta0,
                              level_sizes, seed, step, image_ids):
+    check_one_device("gibbs_sample_exact", logits=logits, target=target, old_labels=old_labels, counts_t=counts_t,
+                     group_totals=group_totals, beta=beta, image_ids=image_ids)
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(old_labels.dim() == 2, lambda: "lmm_fast: old_labels must be [B, L-1]")
     return torch.empty(old_labels.shape, dtype=old_labels.dtype, device=old_labels.device)
@@ -262,11 +266,15 @@ def _gibbs_sample_exact_fake(logits, target, old_labels, counts_t, group_totals,
 
 @torch.library.register_fake("lmm_fast::gibbs_refresh_psi")
 def _gibbs_refresh_psi_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta0, columns):
+    check_one_device("gibbs_refresh_psi", psi_t=psi_t, psi_scale=psi_scale, counts_t=counts_t,
+                     group_totals=group_totals, beta=beta, columns=columns)
     return None
 
 
 @torch.library.register_fake("lmm_fast::gibbs_refresh_psi_entries")
 def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, beta, beta0, rows, columns):
+    check_one_device("gibbs_refresh_psi_entries", psi_t=psi_t, psi_scale=psi_scale, counts_t=counts_t,
+                     group_totals=group_totals, beta=beta, rows=rows, columns=columns)
     return None
 
 
@@ -274,6 +282,9 @@ def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, be
 @torch.library.register_fake("lmm_fast::gibbs_update_owners")
 def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals,
                               beta, beta0, offset, size, classes, old_groups, new_groups, full):
+    check_one_device("gibbs_update_owners", psi_t=psi_t, psi_scale=psi_scale, owner=owner, numerator=numerator,
+                     kept=kept, nonzero=nonzero, bound=bound, counts_t=counts_t, group_totals=group_totals,
+                     beta=beta, classes=classes, old_groups=old_groups, new_groups=new_groups)
     return None
 
 
@@ -293,9 +304,12 @@ def gibbs_update_owners_emulated(*args, **kwargs) -> None:
 @torch.library.register_fake("lmm_fast::gibbs_apply_moves")
 def _gibbs_apply_moves_fake(counts_t, group_totals, labels, target, image_ids, old_labels, new_labels,
                             level_sizes):
+    check_one_device("gibbs_apply_moves", counts_t=counts_t, group_totals=group_totals, labels=labels,
+                     target=target, image_ids=image_ids, old_labels=old_labels, new_labels=new_labels)
     return None
 
 
 @torch.library.register_fake("lmm_fast::gibbs_check_batch")
 def _gibbs_check_batch_fake(indices, target, train_targets):
+    check_one_device("gibbs_check_batch", indices=indices, target=target, train_targets=train_targets)
     return indices.new_empty(3)

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.ops.library import accumulate_dtype
+from lmm_fast.ops.library import accumulate_dtype, check_one_device
 
 __all__ = [
     "lmm_predict_proba_tree",
@@ -186,12 +186,15 @@ def gather_scores_decomposed(x: Tensor, weight: Tensor, bias: Tensor | None, row
 
 @torch.library.register_fake("lmm_fast::lmm_gather_scores")
 def _gather_scores_fake(x, weight, bias, rows):
+    check_one_device("lmm_gather_scores", x=x, weight=weight, bias=bias, rows=rows)
     torch._check(x.dim() == 2 and rows.dim() == 2, lambda: "lmm_fast: x and rows must be 2-D")
     return x.new_empty((x.shape[0], rows.shape[1]))
 
 
 @torch.library.register_fake("lmm_fast::lmm_predict_proba_tree")
 def _predict_proba_tree_fake(logits, group_index, group_value, theta, level_sizes):
+    check_one_device("lmm_predict_proba_tree", logits=logits, group_index=group_index, group_value=group_value,
+                     theta=theta)
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
     return logits.new_empty((logits.shape[0], level_sizes[-1]))
@@ -199,6 +202,7 @@ def _predict_proba_tree_fake(logits, group_index, group_value, theta, level_size
 
 @torch.library.register_fake("lmm_fast::lmm_predict_proba_dense")
 def _predict_proba_dense_fake(logits, psi_t, theta, level_sizes):
+    check_one_device("lmm_predict_proba_dense", logits=logits, psi_t=psi_t, theta=theta)
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(logits.shape[1] == sum(level_sizes), lambda: "lmm_fast: logits width != sum(level_sizes)")
     return logits.new_empty((logits.shape[0], level_sizes[-1]))
@@ -206,6 +210,7 @@ def _predict_proba_dense_fake(logits, psi_t, theta, level_sizes):
 
 @torch.library.register_fake("lmm_fast::lmm_topk_tree")
 def _topk_tree_fake(logits, group_index, group_value, theta, level_sizes, k):
+    check_one_device("lmm_topk_tree", logits=logits, group_index=group_index, group_value=group_value, theta=theta)
     torch._check(logits.dim() == 2, lambda: "lmm_fast: logits must be 2-D")
     torch._check(0 <= k <= level_sizes[-1], lambda: "lmm_fast: k must be in [0, N]")
     batch = logits.shape[0]
