@@ -299,3 +299,15 @@ def test_cuda_weight_and_smoothing_match_cpu(dtype, sizes):
     a.backward()
     b.backward()
     torch.testing.assert_close(xc.grad.cpu(), x.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("option", ["weight", "label_smoothing"])
+def test_double_backward_with_the_ce_options_is_refused_clearly(option):
+    h = lmm_fast.Hierarchy.from_assignments([torch.arange(12) // 6, torch.arange(12) // 3])
+    kwargs = {"weight": torch.rand(12) + 0.5} if option == "weight" else {"label_smoothing": 0.1}
+    loss_fn = lmm_fast.FusedLMMLoss.from_hierarchy(h, **kwargs)
+    logits = torch.randn(4, 2 + 4 + 12, requires_grad=True)
+    (grad,) = torch.autograd.grad(loss_fn(logits, torch.tensor([0, 3, 7, 11])), logits, create_graph=False)
+    assert torch.isfinite(grad).all()  # a plain backward works
+    with pytest.raises(NotImplementedError, match="double backward"):
+        torch.autograd.grad(loss_fn(logits, torch.tensor([0, 3, 7, 11])), logits, create_graph=True)
