@@ -413,7 +413,7 @@ def test_cuda_matches_cpu_reference(dtype, dense, batch, sizes):
         ours = (out.double().cpu() - ref.detach()).abs()
         theirs = (low.double().cpu() - ref.detach()).abs()
         assert ours <= 2 * theirs + 1e-2 * ref.abs(), (ours, theirs)
-        rel = (grad.double().cpu() - ref_grad).norm() / ref_grad.norm()
+        rel = (grad.double().cpu() - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)  # B = 1: the one row is ignored
         assert rel < 1e-2
 
 

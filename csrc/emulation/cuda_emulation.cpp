@@ -120,6 +120,7 @@ std::mutex g_launch_mutex;  // one grid at a time
 std::mutex g_config_mutex;
 std::unordered_map<const void*, size_t> g_max_dynamic_shared;
 std::atomic<int64_t> g_launches{0};
+std::unordered_map<std::string, int64_t> g_launches_by_name;  // under g_launch_mutex
 
 double initial_timeout() {
   const char* env = std::getenv("LMM_FAST_EMULATION_TIMEOUT");
@@ -505,11 +506,18 @@ double set_deadlock_timeout(double seconds) {
 
 int64_t launch_count() { return g_launches.load(); }
 
+int64_t launch_count(const std::string& name) {
+  std::lock_guard<std::mutex> lock(g_launch_mutex);
+  const auto it = g_launches_by_name.find(name);
+  return it == g_launches_by_name.end() ? 0 : it->second;
+}
+
 void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<void()>& thread_body) {
   TORCH_CHECK(tls_lane == nullptr, "CUDA emulation: a kernel launched another kernel (not supported)");
   check_launch(spec, kernel);
   std::lock_guard<std::mutex> launch_lock(g_launch_mutex);
   const int64_t launch = g_launches++;
+  ++g_launches_by_name[spec.name];
   const int64_t blocks = static_cast<int64_t>(spec.grid.x) * spec.grid.y * spec.grid.z;
   const int64_t threads = static_cast<int64_t>(spec.block.x) * spec.block.y * spec.block.z;
   const int num_warps = static_cast<int>((threads + 31) / 32);

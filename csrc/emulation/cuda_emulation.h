@@ -99,8 +99,10 @@ size_t max_dynamic_shared(const void* kernel);
 // previous value.
 double set_deadlock_timeout(double seconds);
 
-// Number of kernel launches the emulator has run (tests count them).
+// Number of kernel launches the emulator has run, in all or of the kernels
+// of one name (the tests check that every kernel ran).
 int64_t launch_count();
+int64_t launch_count(const std::string& name);
 
 // Runs `thread_body` once per thread of the grid; throws c10::Error on a
 // refused launch or a fault in the kernel.

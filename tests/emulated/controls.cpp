@@ -275,7 +275,9 @@ void control_kernel_assert(const at::Tensor& x) {
                   x.data_ptr<int64_t>(), x.numel());
 }
 
-int64_t control_launch_count() { return emu::launch_count(); }
+int64_t control_launch_count(c10::optional<c10::string_view> name) {
+  return name.has_value() ? emu::launch_count(std::string(*name)) : emu::launch_count();
+}
 
 }  // namespace
 
@@ -291,7 +293,7 @@ TORCH_LIBRARY_FRAGMENT(lmm_fast_emulated, m) {
   m.def("control_handshake() -> int", &control_handshake);
   m.def("control_histogram(Tensor x, int bins) -> Tensor", &control_histogram);
   m.def("control_kernel_assert(Tensor x) -> ()", &control_kernel_assert);
-  m.def("control_launch_count() -> int", &control_launch_count);
+  m.def("control_launch_count(str? name=None) -> int", &control_launch_count);
 }
 
 }  // namespace lmm_fast
