@@ -77,7 +77,7 @@ namespace owners {
 // On the device the CUDA atomics; on the host (the emulation, one index at a
 // time) the plain operations. Only order-independent combinations are used.
 LMM_FAST_HOST_DEVICE void atomic_add(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p += v;
@@ -85,7 +85,7 @@ LMM_FAST_HOST_DEVICE void atomic_add(int64_t* p, int64_t v) {
 }
 // Returns the value before the addition (a slot in a list).
 LMM_FAST_HOST_DEVICE int64_t fetch_add(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return static_cast<int64_t>(
       atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v)));
 #else
@@ -95,35 +95,35 @@ LMM_FAST_HOST_DEVICE int64_t fetch_add(int64_t* p, int64_t v) {
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_max(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMax(reinterpret_cast<long long*>(p), static_cast<long long>(v));
 #else
   if (*p < v) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_min(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMin(reinterpret_cast<long long*>(p), static_cast<long long>(v));
 #else
   if (v < *p) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_max_u64(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMax(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   if (*p < v) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_or(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicOr(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p |= v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_and(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicAnd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p &= v;
@@ -132,7 +132,7 @@ LMM_FAST_HOST_DEVICE void atomic_and(uint64_t* p, uint64_t v) {
 // *p = max(*p, v) with std::max's semantics (a NaN in *p stays), by
 // compare-and-swap on the double's bits on the device.
 LMM_FAST_HOST_DEVICE void atomic_max(double* p, double v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   unsigned long long* a = reinterpret_cast<unsigned long long*>(p);
   unsigned long long old = *a;
   while (__longlong_as_double(static_cast<long long>(old)) < v) {
@@ -400,7 +400,7 @@ struct ChallengePhase {
     const int64_t t = a.d_list[j];
     uint64_t word = a.bits[t * a.words + w];
     while (word) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
       const int64_t bit = __ffsll(static_cast<long long>(word)) - 1;
 #else
       const int64_t bit = __builtin_ctzll(word);

@@ -42,6 +42,8 @@ def load():
     if not _loaded:
         from torch.utils import cpp_extension
 
+        import lmm_fast  # noqa: F401  (the emulated ops copy the schemas of its ops)
+
         build = os.environ.get("LMM_FAST_EMULATED_BUILD_DIR", os.path.join(ROOT, "build", "emulated"))
         os.makedirs(build, exist_ok=True)
         cpp_extension.load(
@@ -63,8 +65,6 @@ def load():
 def _register_fakes():
     # The emulated ops return what the package's ops return: their fake
     # kernels are the package's (so opcheck and torch.compile work on them).
-    import lmm_fast  # noqa: F401  (registers the package's fakes)
-
     for name in OPS:
         op = getattr(torch.ops.lmm_fast, name).default
 

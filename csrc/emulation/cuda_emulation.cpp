@@ -105,10 +105,8 @@ struct Block {
   int arrived = 0;
   int exited_warps = 0;
   uint64_t generation = 0;
-  int finished_warps = 0;
-  std::condition_variable finished_cv;
 
-  std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<Warp*> warps;
 };
 
 namespace {
@@ -162,6 +160,79 @@ void* take_stack() {
 void give_stack(void* s) {
   std::lock_guard<std::mutex> lock(g_stack_mutex);
   g_free_stacks.push_back(s);
+}
+
+// ------------------------------------------------------------ warp threads
+// Host threads that run the warps of a block: jobs[0] on the caller, the
+// others on pooled threads (created once, kept for the process).
+class WorkerPool {
+ public:
+  // Waits at most `patience` for the pooled jobs after the caller's; false if
+  // some did not finish (their threads are then given up on).
+  bool run(std::vector<std::function<void()>>& jobs, std::chrono::duration<double> patience) {
+    auto done = std::make_shared<Completion>();
+    const size_t pooled = jobs.size() - 1;
+    while (workers_.size() < pooled) workers_.push_back(start_worker());
+    for (size_t k = 0; k < pooled; ++k) {
+      Worker* w = workers_[k];
+      {
+        std::lock_guard<std::mutex> lock(w->mutex);
+        w->job = std::move(jobs[k + 1]);
+        w->done = done;
+      }
+      w->cv.notify_one();
+    }
+    jobs[0]();
+    std::unique_lock<std::mutex> lock(done->mutex);
+    if (done->cv.wait_for(lock, patience, [&] { return done->finished == pooled; })) return true;
+    // The stuck workers keep their objects; later launches get new ones.
+    workers_.erase(workers_.begin(), workers_.begin() + static_cast<std::ptrdiff_t>(pooled));
+    return false;
+  }
+
+ private:
+  struct Completion {
+    std::mutex mutex;
+    std::condition_variable cv;
+    size_t finished = 0;
+  };
+  struct Worker {
+    std::mutex mutex;
+    std::condition_variable cv;
+    std::function<void()> job;
+    std::shared_ptr<Completion> done;
+  };
+
+  static Worker* start_worker() {
+    Worker* w = new Worker();  // lives as long as its thread
+    std::thread([w] {
+      for (;;) {
+        std::function<void()> job;
+        std::shared_ptr<Completion> done;
+        {
+          std::unique_lock<std::mutex> lock(w->mutex);
+          w->cv.wait(lock, [&] { return static_cast<bool>(w->job); });
+          job = std::move(w->job);
+          w->job = nullptr;
+          done = std::move(w->done);
+        }
+        job();
+        {
+          std::lock_guard<std::mutex> lock(done->mutex);
+          ++done->finished;
+        }
+        done->cv.notify_all();
+      }
+    }).detach();
+    return w;
+  }
+
+  std::vector<Worker*> workers_;
+};
+
+WorkerPool& pool() {
+  static WorkerPool* p = new WorkerPool();  // never destroyed: its threads are detached
+  return *p;
 }
 
 // ------------------------------------------------------------ errors
@@ -523,6 +594,15 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
   const int num_warps = static_cast<int>((threads + 31) / 32);
   const double timeout = g_timeout.load();
   const size_t limit = std::max(kDefaultSharedBytes, max_dynamic_shared(kernel));
+  // The warps and their lanes' stacks serve every block of the launch.
+  std::vector<std::unique_ptr<Warp>> warps;
+  for (int w = 0; w < num_warps; ++w) {
+    auto warp = std::make_unique<Warp>();
+    warp->index = w;
+    warp->count = static_cast<int>(std::min<int64_t>(32, threads - 32 * w));
+    for (int i = 0; i < warp->count; ++i) warp->stacks[i] = take_stack();
+    warps.push_back(std::move(warp));
+  }
   for (const int64_t linear : block_order(blocks, launch)) {
     // Shared with the warp threads, which may outlive a block that hangs.
     auto block = std::make_shared<Block>();
@@ -544,53 +624,29 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
       b.used = spec.shared_bytes;
       b.shadow.resize(b.used);
     }
-    for (int w = 0; w < num_warps; ++w) {
-      auto warp = std::make_unique<Warp>();
+    for (auto& warp : warps) {
       warp->block = &b;
-      warp->index = w;
-      warp->count = static_cast<int>(std::min<int64_t>(32, threads - 32 * w));
       for (int i = 0; i < warp->count; ++i) {
         Lane& l = warp->lanes[i];
+        l = Lane{};
         l.warp = warp.get();
         l.lane = i;
-        l.thread = 32 * w + i;
+        l.thread = 32 * warp->index + i;
         l.index = uint3{static_cast<unsigned>(l.thread % spec.block.x),
                         static_cast<unsigned>((l.thread / spec.block.x) % spec.block.y),
                         static_cast<unsigned>(l.thread / (static_cast<int64_t>(spec.block.x) * spec.block.y))};
-        warp->stacks[i] = take_stack();
       }
-      b.warps.push_back(std::move(warp));
+      b.warps.push_back(warp.get());
     }
-    std::vector<std::thread> workers;
-    for (int w = 1; w < num_warps; ++w) {
-      workers.emplace_back([block, w, grid = spec.grid] {
-        run_warp(*block, *block->warps[w], grid);
-        {
-          std::lock_guard<std::mutex> lock(block->barrier_mutex);
-          ++block->finished_warps;
-        }
-        block->finished_cv.notify_all();
-      });
+    std::vector<std::function<void()>> jobs;
+    for (int w = 0; w < num_warps; ++w) {
+      jobs.emplace_back([block, w, grid = spec.grid] { run_warp(*block, *block->warps[w], grid); });
     }
-    run_warp(b, *b.warps[0], spec.grid);
-    bool hung = false;
-    {
-      std::unique_lock<std::mutex> lock(b.barrier_mutex);
-      const auto patience = std::chrono::duration<double>(2 * timeout + 1);
-      if (!b.finished_cv.wait_for(lock, patience, [&] { return b.finished_warps == num_warps - 1; })) {
-        hung = true;
-      }
-    }
-    if (hung) {
-      // A warp that neither finishes nor reaches a collective or an atomic:
-      // it cannot be stopped, so its thread is left behind with the block.
+    if (!pool().run(jobs, std::chrono::duration<double>(2 * timeout + 1))) {
+      // A warp that neither finishes nor reaches a collective or an atomic
+      // cannot be stopped: its thread, warp and stacks are left behind.
       record_error(b, "a warp neither finished nor waited within the deadlock timeout (an endless loop?)");
-      for (auto& t : workers) t.detach();
-    } else {
-      for (auto& t : workers) t.join();
-      for (auto& warp : b.warps) {
-        for (int i = 0; i < warp->count; ++i) give_stack(warp->stacks[i]);
-      }
+      for (auto& warp : warps) warp.release();
     }
     std::string error;
     {
@@ -599,6 +655,9 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
     }
     TORCH_CHECK(error.empty(), "CUDA emulation: kernel ", spec.name, ", block ",
                 dims_text(dim3(b.index.x, b.index.y, b.index.z)), ": ", error);
+  }
+  for (auto& warp : warps) {
+    for (int i = 0; i < warp->count; ++i) give_stack(warp->stacks[i]);
   }
 }
 

@@ -366,6 +366,9 @@ inline unsigned int __float_as_uint(float f) { return ::lmm_fast::emu::from_bits
 inline float __uint_as_float(unsigned int u) { return ::lmm_fast::emu::from_bits<float>(::lmm_fast::emu::to_bits(u)); }
 inline long long __double_as_longlong(double d) { return ::lmm_fast::emu::from_bits<long long>(::lmm_fast::emu::to_bits(d)); }
 inline double __longlong_as_double(long long i) { return ::lmm_fast::emu::from_bits<double>(::lmm_fast::emu::to_bits(i)); }
+inline unsigned int __umulhi(unsigned int a, unsigned int b) {
+  return static_cast<unsigned int>((static_cast<unsigned long long>(a) * b) >> 32);
+}
 inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
   return static_cast<unsigned long long>((static_cast<unsigned __int128>(a) * b) >> 64);
 }
