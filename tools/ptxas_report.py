@@ -104,7 +104,8 @@ def report(sources, arch_list):
 
 
 def key(row):
-    return (row["file"], row["kernel"], row["arch"])
+    # the demangled name: nvcc mangles anonymous namespaces with a per-build tag
+    return (row["file"], row["name"], row["arch"])
 
 
 def fmt(row):

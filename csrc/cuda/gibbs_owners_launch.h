@@ -41,7 +41,7 @@ class PhaseRunner {
         std::min<int64_t>((most + kOwnerThreads - 1) / kOwnerThreads, kOwnerMaxBlocks));
     Backend::launch(owners_phase_kernel<Phase>,
                     {.grid = blocks, .block = kOwnerThreads, .launch_bound = kOwnerThreads,
-                     .name = "owners_phase_kernel"},
+                     .name = Phase::kName},
                     phase, base, dynamic, per);
   }
 };

@@ -594,8 +594,19 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
   const int num_warps = static_cast<int>((threads + 31) / 32);
   const double timeout = g_timeout.load();
   const size_t limit = std::max(kDefaultSharedBytes, max_dynamic_shared(kernel));
-  // The warps and their lanes' stacks serve every block of the launch.
+  // The warps and their lanes' stacks serve every block of the launch; the
+  // stacks go back to the pool however the launch ends (but with a warp
+  // that hangs, which keeps them).
   std::vector<std::unique_ptr<Warp>> warps;
+  struct StackReturn {
+    std::vector<std::unique_ptr<Warp>>& warps;
+    ~StackReturn() {
+      for (auto& warp : warps) {
+        if (warp == nullptr) continue;
+        for (int i = 0; i < warp->count; ++i) give_stack(warp->stacks[i]);
+      }
+    }
+  } stack_return{warps};
   for (int w = 0; w < num_warps; ++w) {
     auto warp = std::make_unique<Warp>();
     warp->index = w;
@@ -646,7 +657,7 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
       // A warp that neither finishes nor reaches a collective or an atomic
       // cannot be stopped: its thread, warp and stacks are left behind.
       record_error(b, "a warp neither finished nor waited within the deadlock timeout (an endless loop?)");
-      for (auto& warp : warps) warp.release();
+      for (auto& warp : warps) static_cast<void>(warp.release());
     }
     std::string error;
     {
@@ -655,9 +666,6 @@ void run_grid(const LaunchSpec& spec, const void* kernel, const std::function<vo
     }
     TORCH_CHECK(error.empty(), "CUDA emulation: kernel ", spec.name, ", block ",
                 dims_text(dim3(b.index.x, b.index.y, b.index.z)), ": ", error);
-  }
-  for (auto& warp : warps) {
-    for (int i = 0; i < warp->count; ++i) give_stack(warp->stacks[i]);
   }
 }
 
