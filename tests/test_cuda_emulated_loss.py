@@ -6,7 +6,7 @@ import torch
 
 from lmm_fast import _ops
 from lmm_fast.reference import lmm_loss_reference, lmm_loss_unfused
-from lmm_fast.testing import random_problem
+from lmm_fast.testing import random_problem, tolerances
 
 from test_loss import make_loss, random_theta
 
@@ -122,3 +122,43 @@ def test_emulated_compile_and_bad_target(emulated):
         with pytest.raises(RuntimeError, match=message):
             emulated.lmm_loss_backward(torch.ones(31), x, target_bad, loss_fn.psi_t, loss_fn.theta, lse, log_m,
                                        sizes, -100, loss_fn.psi_scale)
+
+
+# twin of test_loss.py::test_masked_logits_minus_inf[cuda]
+def test_emulated_masked_logits_minus_inf(emulated):
+    gen = torch.Generator().manual_seed(18)
+    sizes = [3, 9, 50]
+    logits, target, psi = random_problem(16, sizes, dense=True, generator=gen)
+    theta = torch.tensor([0.3, 0.3, 0.4])
+    masked = logits.detach().clone()
+    target = torch.arange(16) % 10  # targets in 0..9; classes 40..49 are masked
+    masked[:, -10:] = float("-inf")
+    masked[:, 0] = float("-inf")  # one group of the top level masked too
+    loss, grad = emulated_loss(emulated, make_loss(psi, theta, 50, reduction="none"), masked, target)
+    assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
+    assert (grad[:, -10:] == 0).all() and (grad[:, 0] == 0).all()
+    ref = lmm_loss_reference(masked.double(), target, [p.double() for p in psi], theta.double())
+    torch.testing.assert_close(loss.double(), ref, **tolerances(torch.float32))
+
+
+# twin of test_loss.py::test_psi_scale_factors_match_the_normalised_psi[cuda]
+def test_emulated_psi_scale_factors_match_the_normalised_psi(emulated):
+    gen = torch.Generator().manual_seed(21)
+    sizes = [3, 7, 40]
+    logits, target, psi = random_problem(17, sizes, dense=True, generator=gen)
+    counts = [torch.randint(0, 9, (s, 40), generator=gen).float() + 0.5 for s in sizes[:-1]]
+    normalised = [c / c.sum(1, keepdim=True) for c in counts]
+    theta = [0.2, 0.3, 0.5]
+    plain = make_loss(normalised, theta, 40, reduction="none")
+    scaled = make_loss(normalised, theta, 40, reduction="none")
+    with torch.no_grad():
+        scaled.psi_t.copy_(torch.cat([c.t() for c in counts], 1))
+        scaled.psi_scale.copy_(torch.cat([1 / c.sum(1) for c in counts]))
+    x = logits.detach()
+    a, grad_a = emulated_loss(emulated, plain, x, target)
+    b, grad_b = emulated_loss(emulated, scaled, x, target)
+    torch.testing.assert_close(b, a)
+    torch.testing.assert_close(grad_b, grad_a)
+    torch.testing.assert_close(a, plain(x, target))
+    torch.library.opcheck(emulated.lmm_loss_forward.default,
+                          (x, target, scaled.psi_t, scaled.theta, sizes, -100, scaled.psi_scale))

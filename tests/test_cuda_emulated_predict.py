@@ -8,7 +8,7 @@ import torch
 import lmm_fast
 from lmm_fast import FusedLMMLoss, predict
 from lmm_fast.reference import predict_proba_reference
-from lmm_fast.testing import random_problem
+from lmm_fast.testing import random_problem, tolerances
 
 import emulated_backend
 from test_predict import _good, operands, per_row_reference, random_theta, reference, test_tree_ops_name_the_bad_argument
@@ -137,3 +137,41 @@ def test_emulated_tree_ops_name_the_bad_argument(emulated, change, match):
         emulated.lmm_predict_proba_tree(a["logits"], a["index"], a["value"], a["theta"], a["sizes"])
     with pytest.raises(RuntimeError, match=match):
         emulated.lmm_topk_tree(a["logits"], a["index"], a["value"], a["theta"], a["sizes"], 2)
+
+
+# twin of test_predict.py::test_masked_and_extreme_logits[cuda]
+def test_emulated_masked_and_extreme_logits(emulated):
+    gen = torch.Generator().manual_seed(11)
+    sizes = [3, 9, 50]
+    for dense in (False, True):
+        logits, _, psi = random_problem(16, sizes, dense=dense, generator=gen)
+        masked = logits.detach().clone()
+        masked[:, -10:] = float("-inf")
+        masked[:, 0] = float("-inf")
+        masked[:4] = torch.where(torch.rand(4, 62, generator=gen) < 0.5, -1e4, 1e4)
+        theta = torch.tensor([0.3, 0.3, 0.4])
+        loss_fn = FusedLMMLoss(psi, theta)
+        with emulated_backend.package_ops_emulated(*PREDICT_OPS):
+            proba = loss_fn.predict_proba(masked)
+        assert torch.isfinite(proba).all()
+        torch.testing.assert_close(proba.double(), reference(masked, psi, theta), **tolerances(torch.float32))
+
+
+# twin of test_head.py::test_cuda_head_prediction: the head's full and beam
+# top k (tree top k, gathered scores) on the emulated ops
+def test_emulated_head_prediction(emulated):
+    from test_head import randomised, tree_hierarchy
+
+    sizes = [3, 11, 97]
+    h = tree_hierarchy(sizes, 25)
+    head = randomised(lmm_fast.LMMHead(16, h), 26)
+    x = torch.randn(21, 16, generator=torch.Generator().manual_seed(27))
+    loss_fn = FusedLMMLoss.from_hierarchy(h)
+    before = launches(emulated, "predict_tree_kernel", "gather_scores_kernel")
+    with emulated_backend.package_ops_emulated(*PREDICT_OPS, "lmm_gather_scores"):
+        full = head.predict_topk(x, 5, loss_fn=loss_fn)
+        beam = head.predict_topk(x, 5, beam=11, loss_fn=loss_fn)
+    assert all(a > b for a, b in zip(launches(emulated, "predict_tree_kernel", "gather_scores_kernel"), before))
+    torch.testing.assert_close(beam[0], full[0], rtol=1e-4, atol=1e-6)
+    ref = head.predict_topk(x, 5)
+    torch.testing.assert_close(full[0], ref[0], rtol=1e-4, atol=1e-6)
