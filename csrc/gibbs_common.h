@@ -36,49 +36,49 @@ constexpr int kFixedBits = 40;
 constexpr int64_t kMaxGroups = int64_t(1) << 22;
 
 LMM_FAST_HOST_DEVICE float add_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __fadd_rn(a, b);
 #else
   return a + b;
 #endif
 }
 LMM_FAST_HOST_DEVICE float sub_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __fsub_rn(a, b);
 #else
   return a - b;
 #endif
 }
 LMM_FAST_HOST_DEVICE float mul_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __fmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 LMM_FAST_HOST_DEVICE float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __fdiv_rn(a, b);
 #else
   return a / b;
 #endif
 }
 LMM_FAST_HOST_DEVICE double dadd_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __dadd_rn(a, b);
 #else
   return a + b;
 #endif
 }
 LMM_FAST_HOST_DEVICE double dmul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __dmul_rn(a, b);
 #else
   return a * b;
 #endif
 }
 LMM_FAST_HOST_DEVICE double ddiv_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __ddiv_rn(a, b);
 #else
   return a / b;
@@ -99,7 +99,7 @@ LMM_FAST_HOST_DEVICE double psi_group_scale(int32_t total, double beta0) {
 }
 
 LMM_FAST_HOST_DEVICE int64_t double_to_bits(double d) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __double_as_longlong(d);
 #else
   int64_t i;
@@ -109,7 +109,7 @@ LMM_FAST_HOST_DEVICE int64_t double_to_bits(double d) {
 }
 
 LMM_FAST_HOST_DEVICE double bits_to_double(int64_t bits) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __longlong_as_double(bits);
 #else
   double d;
@@ -119,7 +119,7 @@ LMM_FAST_HOST_DEVICE double bits_to_double(int64_t bits) {
 }
 
 LMM_FAST_HOST_DEVICE uint32_t float_to_bits(float f) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __float_as_uint(f);
 #else
   uint32_t u;
@@ -129,7 +129,7 @@ LMM_FAST_HOST_DEVICE uint32_t float_to_bits(float f) {
 }
 
 LMM_FAST_HOST_DEVICE float uint_bits_to_float(uint32_t u) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __uint_as_float(u);
 #else
   float f;
@@ -210,7 +210,7 @@ LMM_FAST_HOST_DEVICE uint64_t quantize(float w, double scale) {
 
 // floor(r * total / 2^64): a uniform integer in [0, total).
 LMM_FAST_HOST_DEVICE uint64_t scale_draw(uint64_t r, uint64_t total) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return __umul64hi(r, total);
 #else
   return static_cast<uint64_t>((static_cast<unsigned __int128>(r) * total) >> 64);
@@ -416,6 +416,123 @@ inline void check_index_vector(const at::Tensor& psi_t, const at::Tensor& index,
               psi_t.device(), ", got ", index.device());
 }
 
+
+// ------------------------------------------------------------ value checks
+// The values the kernels index with, checked before anything is written.
+// The *_host forms take CPU tensors and are the CPU ops' checks; the others
+// run on the tensors' own device with one read back (a host sync) and, only
+// when something is out of range, copy the inputs to the host for the same
+// message as the CPU op's.
+
+inline void check_sample_values_host(const Geometry& g, const at::Tensor& target, const at::Tensor& old_labels,
+                                     const at::Tensor& image_ids) {
+  const int64_t* y = target.data_ptr<int64_t>();
+  const int64_t* labels = old_labels.data_ptr<int64_t>();
+  const int64_t* ids = image_ids.data_ptr<int64_t>();
+  const int64_t levels = g.num_upper();
+  for (int64_t b = 0; b < g.batch; ++b) {
+    TORCH_CHECK(y[b] >= 0 && y[b] < g.num_classes, "lmm_fast: target[", b, "] = ", y[b],
+                " is out of range [0, ", g.num_classes, ")");
+    TORCH_CHECK(ids[b] >= 0 && ids[b] <= int64_t(0xffffffff), "lmm_fast: image_ids[", b, "] = ",
+                ids[b], " is out of range [0, 2^32)");
+    for (int64_t l = 0; l < levels; ++l) {
+      const int64_t s = labels[b * levels + l];
+      TORCH_CHECK(s >= 0 && s < g.sizes[l], "lmm_fast: old_labels[", b, ", ", l, "] = ", s,
+                  " is out of range [0, ", g.sizes[l], ") for upper level ", l);
+    }
+  }
+}
+
+inline void check_moves_values_host(const Geometry& g, const at::Tensor& target, const at::Tensor& image_ids,
+                                    const at::Tensor& old_labels, const at::Tensor& new_labels, int64_t images) {
+  const int64_t* y = target.data_ptr<int64_t>();
+  const int64_t* id = image_ids.data_ptr<int64_t>();
+  const int64_t* o = old_labels.data_ptr<int64_t>();
+  const int64_t* w = new_labels.data_ptr<int64_t>();
+  const int64_t levels = g.num_upper();
+  for (int64_t b = 0; b < g.batch; ++b) {
+    TORCH_CHECK(y[b] >= 0 && y[b] < g.num_classes, "lmm_fast: target[", b, "] = ", y[b],
+                " is out of range [0, ", g.num_classes, ")");
+    TORCH_CHECK(id[b] >= 0 && id[b] < images, "lmm_fast: image_ids[", b, "] = ", id[b],
+                " is out of range [0, ", images, ")");
+    for (int64_t l = 0; l < levels; ++l) {
+      const int64_t k = b * levels + l;
+      TORCH_CHECK(o[k] >= 0 && o[k] < g.sizes[l], "lmm_fast: old_labels[", b, ", ", l, "] = ",
+                  o[k], " is out of range [0, ", g.sizes[l], ") for upper level ", l);
+      TORCH_CHECK(w[k] >= 0 && w[k] < g.sizes[l], "lmm_fast: new_labels[", b, ", ", l, "] = ",
+                  w[k], " is out of range [0, ", g.sizes[l], ") for upper level ", l);
+    }
+  }
+}
+
+// index[i] in [0, limit) for every i; `name` names the argument.
+inline void check_index_values_host(const at::Tensor& index, int64_t limit, const char* name) {
+  const int64_t* v = index.data_ptr<int64_t>();
+  for (int64_t i = 0; i < index.numel(); ++i) {
+    TORCH_CHECK(v[i] >= 0 && v[i] < limit, "lmm_fast: ", name, "[", i, "] = ", v[i],
+                " is out of range [0, ", limit, ")");
+  }
+}
+
+// rows[i] in [0, n) and columns[i] in [0, width), entry by entry.
+inline void check_entry_values_host(const at::Tensor& rows, const at::Tensor& columns, int64_t n, int64_t width) {
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* c = columns.data_ptr<int64_t>();
+  for (int64_t i = 0; i < rows.numel(); ++i) {
+    TORCH_CHECK(r[i] >= 0 && r[i] < n, "lmm_fast: rows[", i, "] = ", r[i], " is out of range [0, ", n, ")");
+    TORCH_CHECK(c[i] >= 0 && c[i] < width, "lmm_fast: columns[", i, "] = ", c[i],
+                " is out of range [0, ", width, ")");
+  }
+}
+
+// A bool tensor: whether any value of t lies outside [lo, hi).
+inline at::Tensor any_outside(const at::Tensor& t, int64_t lo, int64_t hi) {
+  return t.lt(lo).logical_or(t.ge(hi)).any();
+}
+
+// Whether any label of the [batch, upper levels] tensor lies outside its level.
+inline at::Tensor any_label_outside(const at::Tensor& labels, const Geometry& g) {
+  at::Tensor bad = labels.lt(0).any();
+  for (int64_t l = 0; l < g.num_upper(); ++l) bad = bad.logical_or(labels.select(1, l).ge(g.sizes[l]).any());
+  return bad;
+}
+
+inline void check_sample_values(const Geometry& g, const at::Tensor& target, const at::Tensor& old_labels,
+                                const at::Tensor& image_ids) {
+  if (g.batch == 0) return;
+  const at::Tensor bad = any_outside(target, 0, g.num_classes)
+                             .logical_or(any_outside(image_ids, 0, int64_t(0xffffffff) + 1))
+                             .logical_or(any_label_outside(old_labels, g));
+  if (bad.item<bool>()) {
+    check_sample_values_host(g, target.cpu().contiguous(), old_labels.cpu().contiguous(),
+                             image_ids.cpu().contiguous());
+  }
+}
+
+inline void check_moves_values(const Geometry& g, const at::Tensor& target, const at::Tensor& image_ids,
+                               const at::Tensor& old_labels, const at::Tensor& new_labels, int64_t images) {
+  if (g.batch == 0) return;
+  const at::Tensor bad = any_outside(target, 0, g.num_classes)
+                             .logical_or(any_outside(image_ids, 0, images))
+                             .logical_or(any_label_outside(old_labels, g))
+                             .logical_or(any_label_outside(new_labels, g));
+  if (bad.item<bool>()) {
+    check_moves_values_host(g, target.cpu().contiguous(), image_ids.cpu().contiguous(),
+                            old_labels.cpu().contiguous(), new_labels.cpu().contiguous(), images);
+  }
+}
+
+inline void check_index_values(const at::Tensor& index, int64_t limit, const char* name) {
+  if (index.numel() == 0) return;
+  if (any_outside(index, 0, limit).item<bool>()) check_index_values_host(index.cpu().contiguous(), limit, name);
+}
+
+inline void check_entry_values(const at::Tensor& rows, const at::Tensor& columns, int64_t n, int64_t width) {
+  if (rows.numel() == 0) return;
+  if (any_outside(rows, 0, n).logical_or(any_outside(columns, 0, width)).item<bool>()) {
+    check_entry_values_host(rows.cpu().contiguous(), columns.cpu().contiguous(), n, width);
+  }
+}
 
 // gibbs_check_batch: 1-D int64 indices and target of one length, 1-D int64
 // train_targets, one device.

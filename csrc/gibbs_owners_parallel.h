@@ -2,10 +2,9 @@
 // parallel algorithm: a fixed sequence of phases, each a function of one index
 // (one move, one class, one group, one bitmap word, one Psi entry) that does
 // the work of one device thread. The CUDA op launches every phase as a
-// grid-stride kernel (csrc/cuda/gibbs_owners_cuda.cu); the emulated CPU op
-// (gibbs_update_owners_emulated, csrc/cpu/gibbs_owners_emulated_cpu.cpp) runs
-// the same phases in serial loops over the indices in a scrambled order, so
-// the device algorithm is tested wherever the tests run.
+// grid-stride kernel (csrc/cuda/gibbs_owners_launch.h); the tests run the
+// same kernels and launches on the emulated device (csrc/emulation), so the
+// device algorithm is tested wherever the tests run.
 //
 // Results (psi_t, psi_scale, owner, numerator, kept, nonzero) are bit-identical
 // to the sequential algorithm because no result depends on the order in which
@@ -74,10 +73,11 @@ namespace gibbs {
 namespace owners {
 
 // ------------------------------------------------------------ atomics
-// On the device the CUDA atomics; on the host (the emulation, one index at a
-// time) the plain operations. Only order-independent combinations are used.
+// The CUDA atomics on the device and on the emulated device of the tests;
+// plain operations in host code. Only order-independent combinations are
+// used.
 LMM_FAST_HOST_DEVICE void atomic_add(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p += v;
@@ -85,7 +85,7 @@ LMM_FAST_HOST_DEVICE void atomic_add(int64_t* p, int64_t v) {
 }
 // Returns the value before the addition (a slot in a list).
 LMM_FAST_HOST_DEVICE int64_t fetch_add(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   return static_cast<int64_t>(
       atomicAdd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v)));
 #else
@@ -95,35 +95,35 @@ LMM_FAST_HOST_DEVICE int64_t fetch_add(int64_t* p, int64_t v) {
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_max(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMax(reinterpret_cast<long long*>(p), static_cast<long long>(v));
 #else
   if (*p < v) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_min(int64_t* p, int64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMin(reinterpret_cast<long long*>(p), static_cast<long long>(v));
 #else
   if (v < *p) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_max_u64(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicMax(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   if (*p < v) *p = v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_or(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicOr(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p |= v;
 #endif
 }
 LMM_FAST_HOST_DEVICE void atomic_and(uint64_t* p, uint64_t v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   atomicAnd(reinterpret_cast<unsigned long long*>(p), static_cast<unsigned long long>(v));
 #else
   *p &= v;
@@ -132,7 +132,7 @@ LMM_FAST_HOST_DEVICE void atomic_and(uint64_t* p, uint64_t v) {
 // *p = max(*p, v) with std::max's semantics (a NaN in *p stays), by
 // compare-and-swap on the double's bits on the device.
 LMM_FAST_HOST_DEVICE void atomic_max(double* p, double v) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   unsigned long long* a = reinterpret_cast<unsigned long long*>(p);
   unsigned long long old = *a;
   while (__longlong_as_double(static_cast<long long>(old)) < v) {
@@ -248,13 +248,14 @@ struct Args {
 };
 
 // ------------------------------------------------------------ phases
-// Each: one index, the work of one thread.
+// Each: one index, the work of one thread; kName names its launches.
 
 // per i in [0, max(m, n)): value checks (first offending index, as m - i or
 // n - i so that the maximum is the first), and whether any entry moves.
 template <typename scalar_t>
 struct CheckPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<CheckPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     if (i < a.m) {
       const int64_t c = a.cls[i], o = a.olds[i], w = a.news[i];
@@ -273,6 +274,7 @@ struct CheckPhase {
 template <typename scalar_t>
 struct MovePhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<MovePhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t o = a.olds[i], w = a.news[i];
     if (o == w) return;
@@ -299,6 +301,7 @@ struct MovePhase {
 template <typename scalar_t>
 struct GroupPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<GroupPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t t) const {
     uint64_t* counters = reinterpret_cast<uint64_t*>(a.counters);
     const uint64_t key = fewest_key(a.totals[a.offset + t], t);
@@ -318,6 +321,7 @@ struct GroupPhase {
 template <typename scalar_t>
 struct ClassPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<ClassPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t y) const {
     const int64_t fewest = fewest_group(static_cast<uint64_t>(a.counters[kFewest]));
     const int64_t o = a.owner[y];
@@ -376,6 +380,9 @@ struct ClassPhase {
 template <typename scalar_t, int kPass>
 struct ChallengePhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = kPass == 1   ? "owners_phase_kernel<ChallengePhase<1>>"
+                                       : kPass == 2 ? "owners_phase_kernel<ChallengePhase<2>>"
+                                                    : "owners_phase_kernel<ChallengePhase<3>>";
   LMM_FAST_HOST_DEVICE void challenge(int64_t y, int64_t t) const {
     if (a.mode[y] != 0) return;
     const double v = a.value(y, t);
@@ -404,7 +411,7 @@ struct ChallengePhase {
     const int64_t valid = a.n - w * 64;
     if (valid < 64) word &= (uint64_t(1) << valid) - 1u;
     while (word) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
       const int64_t bit = __ffsll(static_cast<long long>(word)) - 1;
 #else
       const int64_t bit = __builtin_ctzll(word);
@@ -420,6 +427,7 @@ struct ChallengePhase {
 template <typename scalar_t>
 struct FinishPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<FinishPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t y) const {
     int64_t g = a.win[y];
     if (a.mode[y] == 0) {
@@ -450,6 +458,7 @@ struct FinishPhase {
 template <typename scalar_t>
 struct SegmentPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<SegmentPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t k) const {
     const int64_t g = a.sorted_owner[k];
     if (g < 0 || g >= a.size) return;
@@ -463,6 +472,7 @@ struct SegmentPhase {
 template <typename scalar_t>
 struct ScalePhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<ScalePhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t t) const {
     if (a.full || a.affected[t]) {
       double normaliser = 0.0;
@@ -482,6 +492,7 @@ struct ScalePhase {
 template <typename scalar_t>
 struct MoveEntryPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<MoveEntryPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t o = a.olds[i], w = a.news[i];
     if (o == w) return;
@@ -494,6 +505,7 @@ struct MoveEntryPhase {
 template <typename scalar_t>
 struct SwitchEntryPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<SwitchEntryPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t y) const {
     if (a.prev[y] == a.owner[y]) return;
     a.entry(y, a.prev[y]);
@@ -505,6 +517,7 @@ struct SwitchEntryPhase {
 template <typename scalar_t>
 struct ColumnEntryPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<ColumnEntryPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t j = i / a.n;
     a.entry(i - j * a.n, a.flipped[j]);
@@ -515,6 +528,7 @@ struct ColumnEntryPhase {
 template <typename scalar_t>
 struct KeptPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<KeptPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t t) const { a.kept[t] = a.new_kept[t]; }
 };
 
@@ -523,6 +537,7 @@ struct KeptPhase {
 template <typename scalar_t>
 struct RebuildBitsPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<RebuildBitsPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t w = i / a.size;
     const int64_t t = i - w * a.size;
@@ -540,6 +555,7 @@ struct RebuildBitsPhase {
 template <typename scalar_t>
 struct RebuildGroupPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<RebuildGroupPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t t) const {
     atomic_max_u64(reinterpret_cast<uint64_t*>(a.counters) + kFewestAll,
                    fewest_key(a.totals[a.offset + t], t));
@@ -550,6 +566,7 @@ struct RebuildGroupPhase {
 template <typename scalar_t>
 struct RebuildClassPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<RebuildClassPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t y) const {
     const bool sparse = a.beta0 < kSparseLimit;
     const int64_t fewest_all = fewest_group(static_cast<uint64_t>(a.counters[kFewestAll]));
@@ -566,6 +583,7 @@ struct RebuildClassPhase {
 template <typename scalar_t>
 struct RebuildEntryPhase {
   Args<scalar_t> a;
+  static constexpr const char* kName = "owners_phase_kernel<RebuildEntryPhase>";
   LMM_FAST_HOST_DEVICE void operator()(int64_t i) const {
     const int64_t y = i / a.size;
     a.entry(y, i - y * a.size);

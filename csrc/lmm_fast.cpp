@@ -107,14 +107,6 @@ TORCH_LIBRARY(lmm_fast, m) {
       "Tensor(d!) numerator, Tensor(e!) kept, Tensor(f!) nonzero, Tensor(g!) bound, Tensor counts_t, "
       "Tensor group_totals, Tensor beta, float beta0, int offset, int size, Tensor classes, "
       "Tensor old_groups, Tensor new_groups, bool full) -> ()");
-  // The same update computed by the CUDA algorithm run phase by phase, thread
-  // index by thread index, on the CPU: lets the tests check the device
-  // algorithm without a GPU (bit-identical results; CPU only).
-  m.def(
-      "gibbs_update_owners_emulated(Tensor(a!) psi_t, Tensor(b!) psi_scale, Tensor(c!) owner, "
-      "Tensor(d!) numerator, Tensor(e!) kept, Tensor(f!) nonzero, Tensor(g!) bound, Tensor counts_t, "
-      "Tensor group_totals, Tensor beta, float beta0, int offset, int size, Tensor classes, "
-      "Tensor old_groups, Tensor new_groups, bool full) -> ()");
   // Class probabilities sum_l theta_l softmax(a^l) Psi^l [B, N] for a tree
   // Psi (at most one non-zero per column and level), given level-major as
   // group_index [L-1, N] (int32 group of each class) and group_value [L-1, N]

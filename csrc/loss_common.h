@@ -163,6 +163,29 @@ inline void check_stats(const at::Tensor& stats, const char* name,
       "lmm_fast: ", name, " must be on the logits' device ", logits.device(), ", got ", stats.device());
 }
 
+// Target values as the CPU kernels check them (target: a CPU tensor):
+// class indices in [0, N) or ignore_index; names the first bad row.
+inline void check_target_values_host(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  const int64_t* t = target.data_ptr<int64_t>();
+  for (int64_t b = 0; b < target.numel(); ++b) {
+    TORCH_CHECK(t[b] == ignore_index || (t[b] >= 0 && t[b] < num_classes),
+        "lmm_fast: target[", b, "] = ", t[b], " is out of range: class indices must be in [0, ",
+        num_classes, ") or equal ignore_index (", ignore_index, ")");
+  }
+}
+
+// The same check on the target's own device, before a launch: one reduction
+// and one read back (a host sync); only a failing batch is copied to the
+// host, for the same message as on the CPU.
+inline void check_target_values(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
+  if (target.numel() == 0) return;
+  const bool bad = target.ne(ignore_index)
+                       .logical_and(target.lt(0).logical_or(target.ge(num_classes)))
+                       .any()
+                       .item<bool>();
+  if (bad) check_target_values_host(target.cpu().contiguous(), num_classes, ignore_index);
+}
+
 // Logits only need unit stride along the columns; rows may be strided.
 inline at::Tensor rows_contiguous(const at::Tensor& logits) {
   if (logits.size(1) <= 1 || logits.stride(1) == 1) return logits;

@@ -15,6 +15,18 @@
 #define LMM_FAST_HOST_DEVICE inline
 #endif
 
+// The device variant of the code below (intrinsics, atomics) where it runs
+// as device code: on the GPU, or on the emulated device of the tests, which
+// provides the same intrinsics (csrc/emulation/cuda_emulation.h).
+#if defined(LMM_FAST_CUDA_EMULATION)
+#include "emulation/cuda_emulation.h"
+#endif
+#if defined(__CUDA_ARCH__) || defined(LMM_FAST_CUDA_EMULATION)
+#define LMM_FAST_DEVICE_PATH 1
+#else
+#define LMM_FAST_DEVICE_PATH 0
+#endif
+
 namespace lmm_fast {
 namespace philox {
 
@@ -28,7 +40,7 @@ constexpr uint32_t kWeyl0 = 0x9E3779B9u;
 constexpr uint32_t kWeyl1 = 0xBB67AE85u;
 
 LMM_FAST_HOST_DEVICE void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
-#if defined(__CUDA_ARCH__)
+#if LMM_FAST_DEVICE_PATH
   lo = a * b;
   hi = __umulhi(a, b);
 #else

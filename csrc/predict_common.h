@@ -12,6 +12,10 @@
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/stack.h>
+
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 
@@ -98,6 +102,53 @@ inline void check_gather_scores_inputs(const at::Tensor& x, const at::Tensor& we
       "lmm_fast: rows must be [B, C] with B = ", x.size(0), ", got shape ", rows.sizes());
   TORCH_CHECK(rows.device() == x.device(),
       "lmm_fast: rows must be on x's device ", x.device(), ", got ", rows.device());
+}
+
+// Group indices as the CPU kernels check them (group_index: a CPU tensor):
+// each level's in [0, N_l); names the first bad entry.
+inline void check_group_index_values_host(const at::Tensor& group_index, const LossGeometry& g) {
+  const int32_t* idx = group_index.data_ptr<int32_t>();
+  for (int64_t l = 0; l + 1 < g.num_levels(); ++l) {
+    const int32_t* row = idx + l * g.num_classes;
+    int32_t lo = 0, hi = 0;
+    for (int64_t y = 0; y < g.num_classes; ++y) {
+      lo = std::min(lo, row[y]);
+      hi = std::max(hi, row[y]);
+    }
+    if (lo >= 0 && hi < g.sizes[l]) continue;
+    for (int64_t y = 0; y < g.num_classes; ++y) {
+      TORCH_CHECK(row[y] >= 0 && row[y] < g.sizes[l],
+          "lmm_fast: group_index[", l, ", ", y, "] = ", row[y], " is out of range: level ", l,
+          " has ", g.sizes[l], " groups");
+    }
+  }
+}
+
+// The same check on group_index's own device, before a launch: a few
+// elementwise ops and one read back (a host sync); only a failing index is
+// copied to the host, for the same message as on the CPU.
+inline void check_group_index_values(const at::Tensor& group_index, const LossGeometry& g) {
+  if (g.num_levels() < 2 || g.num_classes == 0) return;
+  at::Tensor bad;
+  for (int64_t l = 0; l + 1 < g.num_levels(); ++l) {
+    const at::Tensor row = group_index.select(0, l);
+    const at::Tensor level_bad = row.lt(0).logical_or(row.ge(g.sizes[l])).any();
+    bad = l == 0 ? level_bad : bad.logical_or(level_bad);
+  }
+  if (bad.item<bool>()) check_group_index_values_host(group_index.cpu().contiguous(), g);
+}
+
+// Weight rows of lmm_gather_scores: in [0, rows of the weight) or -1 (none),
+// on any device with one read back (a host sync).
+inline void check_gather_rows_values(const at::Tensor& rows, int64_t weight_rows) {
+  if (rows.numel() == 0) return;
+  const auto [lo, hi] = at::aminmax(rows);
+  const at::Tensor both = at::stack({lo, hi}).cpu();
+  const int64_t low = both[0].item<int64_t>();
+  const int64_t high = both[1].item<int64_t>();
+  TORCH_CHECK(low >= -1 && high < weight_rows,
+      "lmm_fast: rows must hold weight rows in [0, ", weight_rows, ") or -1, got values in [",
+      low, ", ", high, "]");
 }
 
 inline void check_k(int64_t k, const LossGeometry& g) {

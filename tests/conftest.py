@@ -9,3 +9,13 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "cuda" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def emulated():
+    """torch.ops.lmm_fast_emulated: the CUDA ops' kernels and host code on
+    the emulated device (built on first use; a build failure fails the tests
+    that need it, it never skips them)."""
+    import emulated_backend
+
+    return emulated_backend.load()

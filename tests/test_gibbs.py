@@ -513,6 +513,11 @@ def test_torch_compile_fullgraph():
 
 
 def test_op_bad_inputs():
+    check_op_bad_inputs(ops.gibbs_sample_exact, ops.gibbs_refresh_psi, ops.gibbs_refresh_psi_entries)
+
+
+def check_op_bad_inputs(sample_exact, refresh_psi, refresh_psi_entries):
+    """Bad shapes, dtypes and values raise, naming the argument, and change nothing."""
     d = op_inputs(14, [3, 7, 11], 4)
     cases = [
         ({"counts_t": d["counts_t"].long()}, "counts_t must be int32"),
@@ -529,22 +534,22 @@ def test_op_bad_inputs():
     for change, message in cases:
         counts = d["counts_t"].clone()
         with pytest.raises(RuntimeError, match=message.replace("[", r"\[").replace("]", r"\]")):
-            ops.gibbs_sample_exact(*args_of({**d, "counts_t": counts, **change}))
+            sample_exact(*args_of({**d, "counts_t": counts, **change}))
         if "counts_t" not in change:
             assert torch.equal(counts, d["counts_t"]), "a refused exact call changed the counts"
     refresh = (d["counts_t"], d["group_totals"], d["beta"], 1.0)
     with pytest.raises(RuntimeError, match=r"columns\[0\] = 10 is out of range"):
-        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(10), *refresh, torch.tensor([10]))
+        refresh_psi(torch.zeros(11, 10), torch.ones(10), *refresh, torch.tensor([10]))
     with pytest.raises(RuntimeError, match="psi_scale must be"):
-        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(9), *refresh, torch.tensor([1]))
+        refresh_psi(torch.zeros(11, 10), torch.ones(9), *refresh, torch.tensor([1]))
     with pytest.raises(RuntimeError, match="psi_scale must have psi_t's dtype"):
-        ops.gibbs_refresh_psi(torch.zeros(11, 10), torch.ones(10, dtype=torch.float64), *refresh, torch.tensor([1]))
+        refresh_psi(torch.zeros(11, 10), torch.ones(10, dtype=torch.float64), *refresh, torch.tensor([1]))
     psi_t, psi_scale = torch.full((11, 10), -1.0), torch.full((10,), -1.0)
     for rows, cols, message in [([0, 11], [1, 1], r"rows\[1\] = 11 is out of range"),
                                 ([0, 1], [1, -1], r"columns\[1\] = -1 is out of range"),
                                 ([0, 1], [1], "the same length")]:
         with pytest.raises(RuntimeError, match=message):
-            ops.gibbs_refresh_psi_entries(psi_t, psi_scale, *refresh, torch.tensor(rows), torch.tensor(cols))
+            refresh_psi_entries(psi_t, psi_scale, *refresh, torch.tensor(rows), torch.tensor(cols))
         assert bool((psi_t == -1).all()) and bool((psi_scale == -1).all()), "a refused call wrote Ψ"
 
 

@@ -1,11 +1,13 @@
 """The parallel owner update of the non-overlapping Ψ (the CUDA op's phases):
-run on the CPU by gibbs_update_owners_emulated, it equals the sequential CPU op
-and a full rebuild bit for bit over sequences of random moves; on a GPU the
-CUDA op equals the CPU op. Value checks, opcheck."""
+the CUDA op, run on the emulated device (tests/emulated_backend.py), equals
+the sequential CPU op and a full rebuild bit for bit over sequences of random
+moves; on a GPU the CUDA op equals the CPU op. Value checks, opcheck."""
 import pytest
 import torch
 
 from lmm_fast.ops import gibbs as ops
+
+import emulated_backend
 
 STATE = ("psi_t", "psi_scale", "owner", "numerator", "kept", "nonzero")
 TWO40 = float(2**40)
@@ -91,14 +93,19 @@ def apply_moves(counts_t, totals, y, old, new, offset):
     totals.index_add_(0, cols_new, torch.ones_like(y, dtype=torch.int32))
 
 
+def emulated_op():
+    """The CUDA op's host code and kernels on the emulated device (CPU tensors)."""
+    return emulated_backend.load().gibbs_update_owners
+
+
 def run_sequence(n, k, beta_kind, beta0_kind, dtype, steps, seed, device=None):
-    """Random move sequence; the emulated op (or, with device, the CUDA op)
-    against the CPU op and a rebuild after every call."""
+    """Random move sequence; the emulated CUDA op (or, with device, the CUDA
+    op) against the CPU op and a rebuild after every call."""
     gen = torch.Generator().manual_seed(seed)
     images = max(3, (3 * n) // max(1, k // 4 + 1))
     classes, labels, counts_t, totals, beta, offset, width = make_problem(gen, n, k, images, beta_kind)
     beta0 = TWO40 * 1.5 if beta0_kind == "huge" else float(beta.double().sum()) / 3
-    other = ops.gibbs_update_owners_emulated if device is None else ops.gibbs_update_owners
+    other = emulated_op() if device is None else ops.gibbs_update_owners
     dev = "cpu" if device is None else device
     to = (lambda t: t.to(dev))
     none = torch.empty(0, dtype=torch.long)
@@ -128,9 +135,10 @@ def run_sequence(n, k, beta_kind, beta0_kind, dtype, steps, seed, device=None):
     assert bool((ref["psi_t"][:, :offset] == -1).all()) and bool((ref["psi_t"][:, offset + k:] == -1).all())
 
 
-CASES = [(1, 1), (1, 7), (63, 2), (64, 7), (65, 64), (517, 7), (517, 64), (130, 1), (64, 2)]
+CASES = [(1, 1), (1, 7), (63, 2), (64, 7), (65, 64), (517, 7), (517, 64), (130, 1), (64, 2), (300, 2)]
 
 
+@pytest.mark.cuda_emulated
 @pytest.mark.parametrize("n,k", CASES)
 @pytest.mark.parametrize("beta_kind", ["constant", "vector", "dyadic", "wide"])
 def test_emulated_equals_cpu_op(n, k, beta_kind):
@@ -138,6 +146,7 @@ def test_emulated_equals_cpu_op(n, k, beta_kind):
         run_sequence(n, k, beta_kind, beta0_kind, dtype, steps=12 if n < 500 else 6, seed=n * 131 + k)
 
 
+@pytest.mark.cuda_emulated
 def test_emulated_exact_ties_and_emptied_groups():
     # every class in every group once: all values tie, the lowest group owns
     # everything; then groups are emptied one by one and refilled
@@ -147,7 +156,7 @@ def test_emulated_exact_ties_and_emptied_groups():
     beta = torch.full((n,), 0.25)
     none = torch.empty(0, dtype=torch.long)
     ref, got = empty_state(n, k, k), empty_state(n, k, k)
-    for s, op in ((ref, ops.gibbs_update_owners), (got, ops.gibbs_update_owners_emulated)):
+    for s, op in ((ref, ops.gibbs_update_owners), (got, emulated_op())):
         call(op, s, counts_t, totals, beta, 3.0, 0, k, none, none, none, full=True)
     assert_same(got, ref, "ties")
     assert bool((ref["owner"] == 0).all())
@@ -159,12 +168,13 @@ def test_emulated_exact_ties_and_emptied_groups():
         y = torch.nonzero(counts_t[:, src] > 0).flatten()
         old, new = torch.full_like(y, src), torch.full_like(y, dst)
         apply_moves(counts_t, totals, y, old, new, 0)
-        for s, op in ((ref, ops.gibbs_update_owners), (got, ops.gibbs_update_owners_emulated)):
+        for s, op in ((ref, ops.gibbs_update_owners), (got, emulated_op())):
             call(op, s, counts_t, totals, beta, 3.0, 0, k, y, old, new)
         assert_same(got, ref, f"emptying {g}")
     assert bool((ref["kept"] == 0).any())
 
 
+@pytest.mark.cuda_emulated
 def test_emulated_no_moves_is_a_no_op():
     n, k = 9, 3
     gen = torch.Generator().manual_seed(0)
@@ -172,10 +182,10 @@ def test_emulated_no_moves_is_a_no_op():
     s = empty_state(n, width, k)
     before = clone(s)
     # never built (owner 0 is in range), entries with old == new only: nothing is written
-    ops.gibbs_update_owners_emulated(*s.values(), counts_t, totals, beta, 2.0, offset, k, torch.tensor([1, 2]),
-                                     torch.tensor([0, 2]), torch.tensor([0, 2]))
-    ops.gibbs_update_owners_emulated(*s.values(), counts_t, totals, beta, 2.0, offset, k,
-                                     *(torch.empty(0, dtype=torch.long),) * 3)
+    op = emulated_op()
+    op(*s.values(), counts_t, totals, beta, 2.0, offset, k, torch.tensor([1, 2]), torch.tensor([0, 2]),
+       torch.tensor([0, 2]), False)
+    op(*s.values(), counts_t, totals, beta, 2.0, offset, k, *(torch.empty(0, dtype=torch.long),) * 3, False)
     for key in s:
         assert torch.equal(s[key], before[key])
 
@@ -233,8 +243,9 @@ def check_bad_values(op, device):
         assert torch.equal(s[key], before[key]), f"a refused call changed {key}"
 
 
+@pytest.mark.cuda_emulated
 def test_emulated_bad_values():
-    check_bad_values(ops.gibbs_update_owners_emulated, "cpu")
+    check_bad_values(emulated_op(), "cpu")
     check_bad_values(ops.gibbs_update_owners, "cpu")  # the same messages as the CPU op
 
 
@@ -251,9 +262,10 @@ def opcheck_args(device):
     return state, rest, moves, none.to(device)
 
 
+@pytest.mark.cuda_emulated
 def test_emulated_opcheck():
     state, rest, moves, none = opcheck_args("cpu")
-    op = torch.ops.lmm_fast.gibbs_update_owners_emulated.default
+    op = emulated_op().default
     torch.library.opcheck(op, (*state, *rest, none, none, none, True))
     torch.library.opcheck(op, (*state, *rest, *moves, False))
 

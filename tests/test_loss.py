@@ -416,7 +416,7 @@ def test_cuda_matches_cpu_reference(dtype, dense, batch, sizes):
         ours = (out.double().cpu() - ref.detach()).abs()
         theirs = (low.double().cpu() - ref.detach()).abs()
         assert ours <= 2 * theirs + 1e-2 * ref.abs(), (ours, theirs)
-        rel = (grad.double().cpu() - ref_grad).norm() / ref_grad.norm()
+        rel = (grad.double().cpu() - ref_grad).norm() / ref_grad.norm().clamp_min(1e-30)  # B = 1: the one row is ignored
         assert rel < 1e-2
 
 
@@ -433,6 +433,19 @@ def test_cuda_compile_and_bad_target():
         torch.ops.lmm_fast.lmm_loss_forward.default,
         (x, target.cuda(), loss_fn.psi_t, loss_fn.theta, sizes, -100),
     )
+    # a bad target raises the CPU op's error, checked before the launch (no
+    # device assert, so the CUDA context stays usable)
+    cpu_loss = make_loss(psi, [0.1, 0.2, 0.7], 97)
+    for bad in (97, -1):
+        target_bad = target.clone()
+        target_bad[3] = bad
+        message = f"target\\[3\\] = {bad} is out of range: class indices must be in \\[0, 97\\)"
+        with pytest.raises(RuntimeError, match=message):
+            cpu_loss(logits.detach(), target_bad)
+        with pytest.raises(RuntimeError, match=message):
+            loss_fn(x, target_bad.cuda())
+    torch.testing.assert_close(loss_fn(x, target.cuda()).detach().cpu(), cpu_loss(logits.detach(), target),
+                               rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("device", lmm_fast.testing.devices())

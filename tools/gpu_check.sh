@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one short run: a build with the CUDA kernels
 # for the local device, the CUDA tests (every kernel against the CPU kernels
-# and the pure-PyTorch references, opcheck on CUDA), then the CUDA tables of
+# and the pure-PyTorch references, opcheck on CUDA), their emulated twins
+# (the same kernels on the emulated device, as CI runs them), then the CUDA tables of
 # the loss, Gibbs and prediction benchmarks (ratios against PyTorch's own ops
 # in the same run). Run from the repository root, in an environment with
 # torch and the test extras installed:
@@ -37,6 +38,7 @@ stage build env FORCE_CUDA=1 TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="${MAX_JOBS:-
 # the in-place build lands in src/lmm_fast
 export PYTHONPATH=src${PYTHONPATH:+:$PYTHONPATH}
 stage tests_cuda python -m pytest tests -m cuda -q -p no:cacheprovider
+stage tests_cuda_emulated python -m pytest tests -m cuda_emulated -q -p no:cacheprovider
 stage bench_loss python -m pytest benchmarks/bench_loss.py -k cuda -q -p no:cacheprovider \
   --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:case
 stage bench_gibbs python benchmarks/bench_gibbs.py --device cuda --repeats 21

@@ -166,25 +166,6 @@ int64_t sample_level(const T* logits, int64_t n, const int32_t* counts, const in
   return old;  // unreachable: prefix ends at total > target
 }
 
-void check_values_cpu(const Geometry& g, const at::Tensor& target, const at::Tensor& old_labels,
-                      const at::Tensor& image_ids) {
-  const int64_t* y = target.data_ptr<int64_t>();
-  const int64_t* labels = old_labels.data_ptr<int64_t>();
-  const int64_t* ids = image_ids.data_ptr<int64_t>();
-  const int64_t levels = g.num_upper();
-  for (int64_t b = 0; b < g.batch; ++b) {
-    TORCH_CHECK(y[b] >= 0 && y[b] < g.num_classes, "lmm_fast: target[", b, "] = ", y[b],
-                " is out of range [0, ", g.num_classes, ")");
-    TORCH_CHECK(ids[b] >= 0 && ids[b] <= int64_t(0xffffffff), "lmm_fast: image_ids[", b, "] = ",
-                ids[b], " is out of range [0, 2^32)");
-    for (int64_t l = 0; l < levels; ++l) {
-      const int64_t s = labels[b * levels + l];
-      TORCH_CHECK(s >= 0 && s < g.sizes[l], "lmm_fast: old_labels[", b, ", ", l, "] = ", s,
-                  " is out of range [0, ", g.sizes[l], ") for upper level ", l);
-    }
-  }
-}
-
 template <typename T>
 struct SampleArgs {
   const T* logits;
@@ -230,7 +211,7 @@ Prepared prepare(const at::Tensor& logits, const at::Tensor& target, const at::T
                  const at::Tensor& image_ids) {
   Prepared p = gibbs::prepare_sample_inputs(logits, target, old_labels, counts_t, group_totals,
                                             beta, beta0, level_sizes, image_ids);
-  check_values_cpu(p.geo, p.target, p.old_labels, p.image_ids);
+  gibbs::check_sample_values_host(p.geo, p.target, p.old_labels, p.image_ids);
   return p;
 }
 
@@ -372,20 +353,7 @@ void gibbs_apply_moves_cpu(at::Tensor& counts_t, at::Tensor& group_totals, at::T
   const int64_t* o = olds.data_ptr<int64_t>();
   const int64_t* w = news.data_ptr<int64_t>();
   const int64_t levels = g.num_upper();
-  const int64_t images = labels.size(0);
-  for (int64_t b = 0; b < g.batch; ++b) {
-    TORCH_CHECK(y[b] >= 0 && y[b] < g.num_classes, "lmm_fast: target[", b, "] = ", y[b],
-                " is out of range [0, ", g.num_classes, ")");
-    TORCH_CHECK(id[b] >= 0 && id[b] < images, "lmm_fast: image_ids[", b, "] = ", id[b],
-                " is out of range [0, ", images, ")");
-    for (int64_t l = 0; l < levels; ++l) {
-      const int64_t k = b * levels + l;
-      TORCH_CHECK(o[k] >= 0 && o[k] < g.sizes[l], "lmm_fast: old_labels[", b, ", ", l, "] = ",
-                  o[k], " is out of range [0, ", g.sizes[l], ") for upper level ", l);
-      TORCH_CHECK(w[k] >= 0 && w[k] < g.sizes[l], "lmm_fast: new_labels[", b, ", ", l, "] = ",
-                  w[k], " is out of range [0, ", g.sizes[l], ") for upper level ", l);
-    }
-  }
+  gibbs::check_moves_values_host(g, target, ids, olds, news, labels.size(0));
   int32_t* counts = counts_t.data_ptr<int32_t>();
   int32_t* totals = group_totals.data_ptr<int32_t>();
   int64_t* out = labels.data_ptr<int64_t>();
@@ -419,10 +387,7 @@ void gibbs_refresh_psi_cpu(at::Tensor& psi_t, at::Tensor& psi_scale, const at::T
   const int64_t ncols = columns.numel();
   if (ncols == 0) return;
   const int64_t* cols = columns.data_ptr<int64_t>();
-  for (int64_t j = 0; j < ncols; ++j) {
-    TORCH_CHECK(cols[j] >= 0 && cols[j] < width, "lmm_fast: columns[", j, "] = ", cols[j],
-                " is out of range [0, ", width, ")");
-  }
+  gibbs::check_index_values_host(columns, width, "columns");
   const int32_t* totals = group_totals.data_ptr<int32_t>();
   const int32_t* counts = counts_t.data_ptr<int32_t>();
   const float* b = beta.data_ptr<float>();
@@ -469,12 +434,7 @@ void gibbs_refresh_psi_entries_cpu(at::Tensor& psi_t, at::Tensor& psi_scale,
   const int64_t* r = rows.data_ptr<int64_t>();
   const int64_t* c = columns.data_ptr<int64_t>();
   // Validate everything before writing anything: a refused call changes nothing.
-  for (int64_t i = 0; i < count; ++i) {
-    TORCH_CHECK(r[i] >= 0 && r[i] < n, "lmm_fast: rows[", i, "] = ", r[i], " is out of range [0, ",
-                n, ")");
-    TORCH_CHECK(c[i] >= 0 && c[i] < width, "lmm_fast: columns[", i, "] = ", c[i],
-                " is out of range [0, ", width, ")");
-  }
+  gibbs::check_entry_values_host(rows, columns, n, width);
   const int32_t* totals = group_totals.data_ptr<int32_t>();
   const int32_t* counts = counts_t.data_ptr<int32_t>();
   const float* b = beta.data_ptr<float>();

@@ -345,15 +345,6 @@ void backward_rows(const LossArgs<double, double>& a, int64_t s, int64_t e, cons
 void backward_rows(const LossArgs<c10::Half, float>& a, int64_t s, int64_t e, const c10::Half* go, const float* x, const float* m, c10::Half* g) { backward_rows_f16(a, s, e, go, x, m, g); }
 void backward_rows(const LossArgs<c10::BFloat16, float>& a, int64_t s, int64_t e, const c10::BFloat16* go, const float* x, const float* m, c10::BFloat16* g) { backward_rows_bf16(a, s, e, go, x, m, g); }
 
-void check_targets_cpu(const at::Tensor& target, int64_t num_classes, int64_t ignore_index) {
-  const int64_t* t = target.data_ptr<int64_t>();
-  for (int64_t b = 0; b < target.numel(); ++b) {
-    TORCH_CHECK(t[b] == ignore_index || (t[b] >= 0 && t[b] < num_classes),
-        "lmm_fast: target[", b, "] = ", t[b], " is out of range: class indices must be in [0, ",
-        num_classes, ") or equal ignore_index (", ignore_index, ")");
-  }
-}
-
 // The gradient of the logits is as large as the logits (165 MB for 4096 x
 // 10110 floats). A fresh CPU allocation of that size is served by mmap, and
 // first-touching its pages costs more than computing the gradient. So a loss
@@ -399,7 +390,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_cpu(
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();
-  check_targets_cpu(target, g.num_classes, ignore_index);
+  check_target_values_host(target, g.num_classes, ignore_index);
   const auto acc = accumulate_type(logits.scalar_type());
   at::Tensor loss = at::empty({g.batch}, logits.options());
   at::Tensor stats = at::empty({g.batch, kStatRows * g.num_levels()}, logits.options().dtype(acc));
@@ -452,7 +443,7 @@ at::Tensor lmm_loss_backward_cpu(
   const at::Tensor grad_loss = grad_loss_in.contiguous();
   const at::Tensor stats = stats_in.contiguous();
   const at::Tensor log_m = log_m_in.contiguous();
-  check_targets_cpu(target, g.num_classes, ignore_index);
+  check_target_values_host(target, g.num_classes, ignore_index);
   at::Tensor grad = gradient_storage(g.batch, g.width, logits.options());
   if (g.batch == 0) return grad;
   const at::Tensor theta = theta_in.contiguous();

@@ -338,24 +338,6 @@ LMM_FAST_DEFINE_PREDICT_ROWS(double, double, f64)
 LMM_FAST_DEFINE_PREDICT_ROWS(c10::Half, float, f16)
 LMM_FAST_DEFINE_PREDICT_ROWS(c10::BFloat16, float, bf16)
 
-void check_group_index_cpu(const at::Tensor& group_index, const LossGeometry& g) {
-  const int32_t* idx = group_index.data_ptr<int32_t>();
-  for (int64_t l = 0; l + 1 < g.num_levels(); ++l) {
-    const int32_t* row = idx + l * g.num_classes;
-    int32_t lo = 0, hi = 0;
-    for (int64_t y = 0; y < g.num_classes; ++y) {
-      lo = std::min(lo, row[y]);
-      hi = std::max(hi, row[y]);
-    }
-    if (lo >= 0 && hi < g.sizes[l]) continue;
-    for (int64_t y = 0; y < g.num_classes; ++y) {
-      TORCH_CHECK(row[y] >= 0 && row[y] < g.sizes[l],
-          "lmm_fast: group_index[", l, ", ", y, "] = ", row[y], " is out of range: level ", l,
-          " has ", g.sizes[l], " groups");
-    }
-  }
-}
-
 int64_t grain_rows(int64_t width) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(width, 1)); }
 
 // The folded form of a tree index (see TreeArgs), or false when some class
@@ -400,7 +382,7 @@ at::Tensor lmm_predict_proba_tree_cpu(const at::Tensor& logits_in, const at::Ten
   const at::Tensor group_index = group_index_in.contiguous();
   const at::Tensor group_value = group_value_in.contiguous();
   const at::Tensor theta = theta_in.contiguous();
-  check_group_index_cpu(group_index, g);
+  check_group_index_values_host(group_index, g);
   at::Tensor out = at::empty({g.batch, g.num_classes}, logits.options());
   if (g.batch == 0) return out;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "lmm_predict_proba_tree_cpu", [&] {
@@ -467,7 +449,7 @@ std::tuple<at::Tensor, at::Tensor> lmm_topk_tree_cpu(const at::Tensor& logits_in
   const at::Tensor group_index = group_index_in.contiguous();
   const at::Tensor group_value = group_value_in.contiguous();
   const at::Tensor theta = theta_in.contiguous();
-  check_group_index_cpu(group_index, g);
+  check_group_index_values_host(group_index, g);
   at::Tensor values = at::empty({g.batch, k}, logits.options());
   at::Tensor indices = at::empty({g.batch, k}, logits.options().dtype(at::kLong));
   if (g.batch == 0 || k == 0) return {values, indices};
@@ -500,10 +482,7 @@ at::Tensor lmm_gather_scores_cpu(const at::Tensor& x_in, const at::Tensor& weigh
   const int64_t batch = x.size(0), dim = x.size(1), width = rows.size(1);
   at::Tensor out = at::empty({batch, width}, x.options());
   if (out.numel() == 0) return out;
-  const auto [lo, hi] = at::aminmax(rows);
-  TORCH_CHECK(lo.item<int64_t>() >= -1 && hi.item<int64_t>() < weight.size(0),
-      "lmm_fast: rows must hold weight rows in [0, ", weight.size(0), ") or -1, got values in [",
-      lo.item<int64_t>(), ", ", hi.item<int64_t>(), "]");
+  check_gather_rows_values(rows, weight.size(0));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "lmm_gather_scores_cpu", [&] {
     const scalar_t* x_p = x.data_ptr<scalar_t>();
     const scalar_t* w_p = weight.data_ptr<scalar_t>();

@@ -1,12 +1,14 @@
 // Device pieces shared by the CUDA loss and prediction kernels: the level
 // table passed by value to every kernel, and the online log-sum-exp
-// accumulators with their warp and block reductions. Included by .cu files
-// only.
+// accumulators with their warp and block reductions. Included by the kernel
+// headers (csrc/cuda/*_kernels.cuh), for nvcc and for the emulation.
 #pragma once
 
 #include <c10/util/Exception.h>
 
-#include <cuda_runtime.h>
+#include <cmath>
+
+#include "cuda/device_compat.cuh"
 
 #include "loss_common.h"
 
@@ -91,8 +93,8 @@ __device__ __forceinline__ void warp_merge_lse(A& m, A& s) {
 // shared buffer free for the next call).
 template <typename A, int kPairs>
 __device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) {
-  __shared__ A shared_m[kPairs][kThreads / 32];
-  __shared__ A shared_s[kPairs][kThreads / 32];
+  LMM_FAST_SHARED(A, shared_m, [kPairs][kThreads / 32]);
+  LMM_FAST_SHARED(A, shared_s, [kPairs][kThreads / 32]);
   const int lane = threadIdx.x & 31;
   const int warp = threadIdx.x >> 5;
 #pragma unroll
@@ -109,7 +111,7 @@ __device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) 
   for (int k = 0; k < kPairs; ++k) {
     A mm = neg_inf<A>();
     A ss = A(0);
-    for (int w = 0; w < kThreads / 32; ++w) merge_lse(mm, ss, shared_m[k][w], shared_s[k][w]);
+    for (int w = 0; w < kThreads / 32; ++w) merge_lse<A>(mm, ss, shared_m[k][w], shared_s[k][w]);
     m[k] = mm;
     s[k] = ss;
   }
@@ -120,12 +122,12 @@ __device__ __forceinline__ void block_merge_lse(A (&m)[kPairs], A (&s)[kPairs]) 
 // must call it (it synchronises, and leaves the shared buffer free).
 template <typename A>
 __device__ __forceinline__ A block_sum(A v) {
-  __shared__ A shared[kThreads / 32];
+  LMM_FAST_SHARED(A, shared_sum, [kThreads / 32]);
   for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffff, v, offset);
-  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  if ((threadIdx.x & 31) == 0) shared_sum[threadIdx.x >> 5] = v;
   __syncthreads();
   A total = A(0);
-  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  for (int w = 0; w < kThreads / 32; ++w) total += shared_sum[w];
   __syncthreads();
   return total;
 }

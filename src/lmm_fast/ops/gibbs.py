@@ -14,7 +14,7 @@ from torch import Tensor
 from lmm_fast.ops.library import check_one_device  # (importing it loads the library, registering the ops)
 
 __all__ = ["gibbs_apply_moves", "gibbs_check_batch", "gibbs_sample", "gibbs_sample_exact", "gibbs_refresh_psi", "gibbs_refresh_psi_entries",
-           "gibbs_update_owners", "gibbs_update_owners_emulated"]
+           "gibbs_update_owners"]
 
 
 def gibbs_sample(
@@ -156,8 +156,6 @@ def gibbs_update_owners(
     old_groups: Tensor,
     new_groups: Tensor,
     full: bool = False,
-    *,
-    emulated: bool = False,
 ) -> None:
     """The non-overlapping ("TC") Ψ of one upper level, its columns
     ``[offset, offset + size)``, and the owner state behind it, in place.
@@ -184,13 +182,9 @@ def gibbs_update_owners(
     and only the affected classes and groups are read and written;
     the result equals a full rebuild bit for bit.
 
-    On CUDA it runs as a sequence of parallel kernels with the same results;
-    ``emulated=True`` runs that parallel algorithm on the CPU instead (see
-    :func:`gibbs_update_owners_emulated`).
+    On CUDA it runs as a sequence of parallel kernels with the same results.
     """
-    ops = torch.ops.lmm_fast
-    op = ops.gibbs_update_owners_emulated.default if emulated else ops.gibbs_update_owners.default
-    op(
+    torch.ops.lmm_fast.gibbs_update_owners.default(
         psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals, beta, float(beta0),
         int(offset), int(size), classes, old_groups, new_groups, bool(full),
     )
@@ -215,8 +209,8 @@ def gibbs_apply_moves(
     new_labels[b, l])``; then ``labels[image_ids[b]] = new_labels[b]``
     (``labels`` ``[Ξ, L-1]`` int64, contiguous). One op instead of five
     indexing ops. ``image_ids`` must be distinct (the adapter checks it).
-    Out-of-range values raise before anything is written on the CPU; on CUDA
-    they trip a device assert, as in the sampler.
+    Out-of-range values raise before anything is written, on the CPU and on
+    CUDA alike (one host sync there).
     """
     torch.ops.lmm_fast.gibbs_apply_moves.default(
         counts_t, group_totals, labels, target, image_ids, old_labels, new_labels, list(level_sizes)
@@ -278,7 +272,6 @@ def _gibbs_refresh_psi_entries_fake(psi_t, psi_scale, counts_t, group_totals, be
     return None
 
 
-@torch.library.register_fake("lmm_fast::gibbs_update_owners_emulated")
 @torch.library.register_fake("lmm_fast::gibbs_update_owners")
 def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero, bound, counts_t, group_totals,
                               beta, beta0, offset, size, classes, old_groups, new_groups, full):
@@ -286,19 +279,6 @@ def _gibbs_update_owners_fake(psi_t, psi_scale, owner, numerator, kept, nonzero,
                      kept=kept, nonzero=nonzero, bound=bound, counts_t=counts_t, group_totals=group_totals,
                      beta=beta, classes=classes, old_groups=old_groups, new_groups=new_groups)
     return None
-
-
-def gibbs_update_owners_emulated(*args, **kwargs) -> None:
-    """:func:`gibbs_update_owners` computed by the CUDA op's parallel algorithm,
-    run on the CPU phase by phase, each phase a serial loop over its thread
-    indices in a scrambled order (CPU tensors only).
-
-    Arguments, checks and results as :func:`gibbs_update_owners`: ``psi_t``,
-    ``psi_scale``, ``owner``, ``numerator``, ``kept`` and ``nonzero`` are bit
-    for bit the sequential op's (``bound``, an upper bound, may differ). It
-    exists to test the device algorithm where there is no GPU.
-    """
-    gibbs_update_owners(*args, emulated=True, **kwargs)
 
 
 @torch.library.register_fake("lmm_fast::gibbs_apply_moves")
