@@ -2,10 +2,10 @@
 # Everything that needs a GPU, in one short run: a build with the CUDA kernels
 # for the local device, the CUDA tests (every kernel against the CPU kernels
 # and the pure-PyTorch references, opcheck on CUDA), their emulated twins
-# (the same kernels on the emulated device, as CI runs them), then the CUDA tables of
-# the loss, Gibbs and prediction benchmarks (ratios against PyTorch's own ops
-# in the same run). Run from the repository root, in an environment with
-# torch and the test extras installed:
+# (the same kernels on the emulated device, as CI runs them), then the CUDA
+# tables of the loss, Gibbs, prediction and fused linear loss benchmarks
+# (ratios against PyTorch's own ops in the same run). Run from the repository
+# root, in an environment with torch and the test extras installed:
 #
 #     bash tools/gpu_check.sh [output folder, default gpu_check]
 #
@@ -43,4 +43,5 @@ stage bench_loss python -m pytest benchmarks/bench_loss.py -k cuda -q -p no:cach
   --benchmark-columns=median,iqr,rounds --benchmark-group-by=param:case
 stage bench_gibbs python benchmarks/bench_gibbs.py --device cuda --repeats 21
 stage bench_predict python benchmarks/bench_predict.py --device cuda --rounds 21
+stage bench_linear_loss python benchmarks/bench_linear_loss.py --device cuda --rounds 5
 exit $status

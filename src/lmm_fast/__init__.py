@@ -26,6 +26,8 @@ _EXPORTS: dict[str, tuple[str, str | None]] = {
     "default_theta": ("lmm_fast.loss", "default_theta"),
     "Hierarchy": ("lmm_fast.hierarchy", "Hierarchy"),
     "LMMHead": ("lmm_fast.head", "LMMHead"),
+    "FusedLinearLMMLoss": ("lmm_fast.linear_loss", "FusedLinearLMMLoss"),
+    "linear_lmm_loss": ("lmm_fast.linear_loss", "linear_lmm_loss"),
     "GibbsAdapter": ("lmm_fast.adaptation", "GibbsAdapter"),
     "GuardedGibbsAdapter": ("lmm_fast.adaptation", "GuardedGibbsAdapter"),
     "predict_topk": ("lmm_fast.predict", "predict_topk"),
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from lmm_fast.adaptation import GibbsAdapter, GuardedGibbsAdapter
     from lmm_fast.head import LMMHead
     from lmm_fast.hierarchy import Hierarchy
+    from lmm_fast.linear_loss import FusedLinearLMMLoss, linear_lmm_loss
     from lmm_fast.loss import FusedLMMLoss, default_theta
     from lmm_fast.ops import has_cuda_kernels
     from lmm_fast.predict import predict_topk, prepare_for_inference

@@ -296,7 +296,8 @@ def run(args: argparse.Namespace) -> int:
         print()
         print(f"Speed and memory: median of {repeats} calls, upper levels {list(SPEED_UPPER_LEVELS)} + N classes, "
               f"float32; 'torch flat' = F.cross_entropy / softmax+topk on the N class logits, 'torch LMM' = the "
-              f"same mixture in plain PyTorch (lmm_fast.reference); ratios > 1: we are faster; MiB = peak extra "
+              f"same mixture in plain PyTorch (lmm_fast.reference); 'linear+loss' rows start from features and "
+              f"include the head's GEMMs (ours: FusedLinearLMMLoss); ratios > 1: we are faster; MiB = peak extra "
               f"memory of one call ({time.perf_counter() - t0:.0f} s)")
         print(format_speed_table(speed_rows))
     accuracy = summary = None

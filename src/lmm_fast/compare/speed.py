@@ -1,5 +1,6 @@
 """Part 1 of ``lmm-fast compare``: speed and memory of the fused loss (forward
-+ backward), top-5 prediction and the adaptation step against PyTorch's own
++ backward), the fused linear layer + loss (from features, forward +
+backward), top-5 prediction and the adaptation step against PyTorch's own
 ops on the flat N-way problem and against the unfused PyTorch reference of
 the mixture, for N = 1 000, 10 000 and 100 000 classes; medians and ratios
 from one run, on the CPU and on CUDA when present."""
@@ -15,6 +16,8 @@ if TYPE_CHECKING:
 # No torch at import: `lmm-fast compare --help` shows these defaults without it.
 SPEED_CLASSES = (1_000, 10_000, 100_000)
 SPEED_UPPER_LEVELS = (10, 100)
+# Feature size of the fused linear + loss case (the head's input).
+SPEED_FEATURES = 256
 
 
 # ---------------------------------------------------------------------------
@@ -59,6 +62,44 @@ def _loss_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.G
         lmm_loss_unfused(logits, target, psi, theta, reduction="mean").backward()
 
     return SpeedCase("loss fwd+bwd", {"ours": fused, "flat": flat, "unfused": unfused})
+
+
+def _linear_loss_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.Generator) -> SpeedCase:
+    import torch
+    import torch.nn.functional as F
+
+    from lmm_fast.hierarchy import Hierarchy
+    from lmm_fast.linear_loss import FusedLinearLMMLoss
+    from lmm_fast.reference.loss import lmm_loss_unfused
+    from lmm_fast.testing import tree_psi
+
+    n = level_sizes[-1]
+    psi = tree_psi(level_sizes, gen)
+    hierarchy = Hierarchy.from_assignments([p.argmax(0) for p in psi])
+    ours = FusedLinearLMMLoss(SPEED_FEATURES, hierarchy, device=device)
+    head = ours.head
+    flat = torch.nn.Linear(SPEED_FEATURES, n, device=device)
+    x = torch.randn(batch, SPEED_FEATURES, generator=gen).to(device).requires_grad_()
+    target = torch.randint(0, n, (batch,), generator=gen).to(device)
+    psi = [p.to(device) for p in psi]
+
+    def clear(*params):
+        for p in params:
+            p.grad = None
+
+    def fused():
+        clear(x, *ours.parameters())
+        ours(x, target).backward()
+
+    def flat_ce():
+        clear(x, *flat.parameters())
+        F.cross_entropy(flat(x), target).backward()
+
+    def unfused():
+        clear(x, *head.parameters())
+        lmm_loss_unfused(head(x), target, psi, ours.theta, reduction="mean").backward()
+
+    return SpeedCase(f"linear+loss d={SPEED_FEATURES}", {"ours": fused, "flat": flat_ce, "unfused": unfused})
 
 
 def _predict_case(batch: int, level_sizes: Sequence[int], device: str, gen: torch.Generator, k: int = 5) -> SpeedCase:
@@ -174,7 +215,7 @@ def speed_benchmark(
 
     if devices is None:
         devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
-    builders: tuple[Callable[..., SpeedCase], ...] = (_loss_case, _predict_case, _adapt_case)
+    builders: tuple[Callable[..., SpeedCase], ...] = (_loss_case, _linear_loss_case, _predict_case, _adapt_case)
     rows: list[dict[str, Any]] = []
     jobs = [(d, n, b) for d in devices for n in class_counts for b in builders]
     with progress_bar(jobs, desc="speed and memory", unit="case", disable=not progress, leave=False) as bar:

@@ -6,6 +6,8 @@ its typed wrappers, fake kernels and autograd formulas:
   Ψ), gathered scores for the coarse-to-fine search;
 * :mod:`lmm_fast.ops.gibbs` — the collapsed Gibbs sampler and the updates of
   Ω and Ψ it drives.
+* :mod:`lmm_fast.ops.linear_loss` — the head's linear layer and the loss
+  over row chunks (no kernel of its own: GEMMs and the loss kernels).
 
 The same stem names the CPU kernel (``csrc/cpu/<stem>_cpu.cpp``), the CUDA
 kernel (``csrc/cuda/<stem>_cuda.cu``), the oracle
@@ -14,6 +16,6 @@ kernel (``csrc/cuda/<stem>_cuda.cu``), the oracle
 from __future__ import annotations
 
 from lmm_fast.ops.library import accumulate_dtype, has_cuda_kernels
-from lmm_fast.ops import gibbs, loss, predict
+from lmm_fast.ops import gibbs, linear_loss, loss, predict
 
-__all__ = ["accumulate_dtype", "has_cuda_kernels", "gibbs", "loss", "predict"]
+__all__ = ["accumulate_dtype", "has_cuda_kernels", "gibbs", "linear_loss", "loss", "predict"]
