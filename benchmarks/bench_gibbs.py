@@ -1,7 +1,7 @@
 """Collapsed Gibbs adaptation of Ψ: sampler throughput and the cost of a step.
 
 * **sampler**: the batched op (``gibbs_sample``) beside the same sampler in
-  plain PyTorch (``reference_gibbs.gibbs_sample_torch``: softmax, gathered
+  plain PyTorch (``lmm_fast.reference.gibbs.gibbs_sample_torch``: softmax, gathered
   counts, ``torch.multinomial``), in candidate evaluations per second
   (images × Σ_upper N_l per second). Target: >= 2e8/s on 2 CPU cores.
 * **step vs loss**: one ``GibbsAdapter.step`` (sampling, count update and the

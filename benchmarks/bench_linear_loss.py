@@ -19,7 +19,7 @@ step above what was allocated before it, less the gradients the step leaves
 behind (``x.grad``, ``W.grad``, ``b.grad``): the extra memory beyond the
 inputs, the weight and their gradients. On the CPU it is replayed from the
 profiler's allocation events, in a child process with the loss kernel's CPU
-gradient-storage cache off (``LMM_FAST_CPU_GRAD_CACHE=0``), since that cache
+gradient-storage cache off (``FusedLMMLoss.grad_cache = False``), since that cache
 keeps the unfused gradient's storage alive between steps where the profiler
 cannot see it; the times are taken with the cache on, as users run.
 
@@ -228,9 +228,8 @@ def _memory_in_child(case: dict, impls=IMPLS, warmup: bool = True) -> dict[str, 
     """measure_memory in a child process with the CPU gradient cache off
     (plus ``"resident"``: the bytes of the inputs, weight, bias, Ψ and θ, and
     ``"grads"``: of their gradients)."""
-    env = dict(os.environ, LMM_FAST_CPU_GRAD_CACHE="0")
     command = [sys.executable, os.path.abspath(__file__), "--memory-json", json.dumps(dict(case, impls=list(impls), warmup=warmup))]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -428,6 +427,7 @@ def main(argv=None) -> int:
         impls = tuple(case.pop("impls"))
         warmup = case.pop("warmup", True)
         problem = make_problem(**case)
+        problem.fused.lmm_loss.grad_cache = False  # so that the unfused gradient is seen
         out = measure_memory(problem, impls, warmup)
         fused = problem.fused
         out["resident"] = _nbytes(problem.x, problem.target, *fused.parameters(), *fused.lmm_loss.buffers())

@@ -161,7 +161,7 @@ def gibbs_sample_reference(
     logits, target, old_labels, counts_t, group_totals, beta, beta0: float,
     level_sizes: Sequence[int], seed: int, step: int, image_ids,
 ) -> Tensor:
-    """Bit-exact replica of :func:`lmm_fast._gibbs_ops.gibbs_sample` (batched:
+    """Bit-exact replica of :func:`lmm_fast.ops.gibbs.gibbs_sample` (batched:
     every image excludes only itself from the unchanged counts). Same
     arguments; returns ``[B, L-1]`` int64 on the CPU."""
     x, y = _as_np(logits), _as_np(target)
@@ -215,7 +215,7 @@ def gibbs_sample_torch(
     counts, ``torch.multinomial``), on any device: the kernels' distribution,
     not their draws (torch's generator instead of the keyed Philox stream).
     The speed baseline of the benchmarks. Arguments as
-    :func:`lmm_fast._gibbs_ops.gibbs_sample`; returns ``[B, L-1]`` int64."""
+    :func:`lmm_fast.ops.gibbs.gibbs_sample`; returns ``[B, L-1]`` int64."""
     out = []
     offsets = _level_offsets(level_sizes)
     for level, (offset, size) in enumerate(zip(offsets, level_sizes[:-1])):
