@@ -31,11 +31,8 @@ pytest-benchmark (a smoke test with ``--benchmark-disable``)::
 from __future__ import annotations
 
 import argparse
-import contextlib
-import os
 import platform
 import statistics
-import sys
 import time
 from typing import Any, Callable
 
@@ -43,6 +40,7 @@ import pytest
 import torch
 
 from lmm_fast import FusedLMMLoss
+from lmm_fast.profiling import peak_extra_bytes, synchronize
 from lmm_fast.decide import RULES, HedgePolicy, crm, expected_distance, hedge_report
 from lmm_fast.reference.decide import crm_reference
 from lmm_fast.hierarchy import Hierarchy
@@ -60,58 +58,8 @@ K = 5
 
 
 # ---------------------------------------------------------------------------
-# Timing and memory (self-contained)
+# Timing (memory: lmm_fast.profiling)
 # ---------------------------------------------------------------------------
-
-
-def _sync(device: str) -> None:
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-@contextlib.contextmanager
-def _quiet_stderr():
-    """The profiler's C++ side logs to file descriptor 2; keep the table clean."""
-    sys.stderr.flush()
-    try:
-        saved = os.dup(2)
-    except OSError:
-        yield
-        return
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def peak_extra_bytes(fn: Callable[[], Any], device: str) -> int:
-    """Peak memory allocated by one call of ``fn`` above what was allocated before it.
-
-    CUDA: the caching allocator's peak counter. CPU: the allocations and frees
-    recorded by ``torch.profiler``, replayed in order.
-    """
-    if torch.device(device).type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        fn()
-        _sync(device)
-        return int(torch.cuda.max_memory_allocated() - base)
-    from torch.profiler import ProfilerActivity, profile
-
-    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    events = sorted(
-        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
-    )
-    current = peak = 0
-    for event in events:
-        current += event.nbytes()
-        peak = max(peak, current)
-    return int(peak)
 
 
 def interleaved_medians(steps: dict[str, Callable[[], Any]], rounds: int, device: str) -> dict[str, float]:
@@ -121,10 +69,10 @@ def interleaved_medians(steps: dict[str, Callable[[], Any]], rounds: int, device
         step()
     for _ in range(rounds):
         for name, step in steps.items():
-            _sync(device)
+            synchronize(device)
             start = time.perf_counter()
             step()
-            _sync(device)
+            synchronize(device)
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(t) for name, t in times.items()}
 

@@ -214,6 +214,14 @@ inline void check_label_smoothing(double label_smoothing) {
       "lmm_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
+// The inputs of lmm_loss_backward, checked alike on every backend: the
+// forward's, the saved statistics and grad_loss.
+struct BackwardInputs {
+  LossGeometry g;
+  at::Tensor psi_scale;  // undefined when not given
+  at::Tensor weight;     // undefined when not given
+};
+
 // ------------------------------------------------------------ per-row math
 //
 // The forward saves, per row and level, kStatRows statistics (the op's `lse`
@@ -237,6 +245,27 @@ constexpr int kStatSum = 1;
 constexpr int kStatGroupMax = 2;
 constexpr int kStatGroupSum = 3;
 constexpr int kStatSmooth = 4;
+
+inline BackwardInputs check_loss_backward_inputs(
+    const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& psi_t,
+    const at::Tensor& theta, const at::Tensor& stats, const at::Tensor& log_m, c10::IntArrayRef level_sizes,
+    const std::optional<at::Tensor>& psi_scale, const std::optional<at::Tensor>& weight, double label_smoothing,
+    int stat_rows = kStatRows) {
+  BackwardInputs in{check_loss_inputs(logits, target, psi_t, theta, level_sizes), {}, {}};
+  in.psi_scale = check_psi_scale(psi_scale, in.g, logits);
+  in.weight = check_class_weight(weight, in.g, logits);
+  check_label_smoothing(label_smoothing);
+  check_stats(stats, "lse", in.g, logits, stat_rows);
+  check_stats(log_m, "log_m", in.g, logits);
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.g.batch,
+      "lmm_fast: grad_loss must be [batch] = [", in.g.batch, "], got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.scalar_type() == logits.scalar_type(),
+      "lmm_fast: grad_loss must have the logits' dtype ", logits.scalar_type(),
+      ", got ", grad_loss.scalar_type());
+  TORCH_CHECK(grad_loss.device() == logits.device(),
+      "lmm_fast: grad_loss must be on the logits' device ", logits.device(), ", got ", grad_loss.device());
+  return in;
+}
 
 LMM_FAST_HD int64_t stat_index(int64_t row, int stat, int64_t level, int64_t num_levels) {
   return (row * kStatRows + stat) * num_levels + level;

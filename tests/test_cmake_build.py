@@ -57,7 +57,7 @@ def test_cmake_library_builds_and_runs(tmp_path):
         f"""
         import importlib.util, torch
         torch.ops.load_library({str(library)!r})
-        spec = importlib.util.spec_from_file_location("ref", {os.path.join(ROOT, "lmm_fast", "reference.py")!r})
+        spec = importlib.util.spec_from_file_location("ref", {os.path.join(ROOT, "src", "lmm_fast", "reference", "loss.py")!r})
         ref = importlib.util.module_from_spec(spec); spec.loader.exec_module(ref)
         torch.manual_seed(0)
         sizes = [3, 7, 23]

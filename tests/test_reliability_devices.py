@@ -54,7 +54,17 @@ def cases():
     bound = torch.ones(5, dtype=torch.float64)
     x, weight, bias, rows = torch.randn(3, 4), torch.randn(6, 4), torch.randn(6), torch.tensor([[0, 5], [1, -1], [2, 3]])
     psi = lambda: psi_t.clone()  # noqa: E731  (written in place by some ops)
+    lin_x, lin_w, lin_b = torch.randn(3, 4, generator=gen), torch.randn(7, 4, generator=gen), torch.randn(7)
+    linear = [lin_x, lin_w, lin_b, target, psi_t, theta, psi_scale, None, 0.0, sizes, -100, 2]
+    linear_names = ["x", "weight", "bias", "target", "psi_t", "theta", "psi_scale", None, None, None, None, None]
+    _, lin_lse, lin_log_m = torch.ops.lmm_fast.linear_lmm_loss(*linear)
     return [
+        ("linear_lmm_loss", linear, linear_names),
+        ("linear_lmm_loss_reduced", linear + ["mean", [True, True, True, True]], linear_names + [None, None]),
+        ("linear_lmm_loss_backward",
+         [torch.ones(3)] + linear[:9] + [lin_lse, lin_log_m, sizes, -100, 2, [True, True, True]],
+         ["grad_loss", "x", "weight", "bias", "target", "psi_t", "theta", "psi_scale", None, None, "lse", "log_m",
+          None, None, None, None]),
         ("lmm_loss_forward", [logits, target, psi_t, theta, sizes, -100, psi_scale],
          ["logits", "target", "psi_t", "theta", None, None, "psi_scale"]),
         ("lmm_loss_backward", [torch.ones(3), logits, target, psi_t, theta, lse, log_m, sizes, -100, psi_scale],

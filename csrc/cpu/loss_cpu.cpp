@@ -423,20 +423,11 @@ at::Tensor lmm_loss_backward_cpu(
     const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
     const std::optional<at::Tensor>& psi_scale_in, const std::optional<at::Tensor>& weight_in,
     double label_smoothing) {
-  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta_in, level_sizes);
-  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
-  const at::Tensor weight = check_class_weight(weight_in, g, logits_in);
-  check_label_smoothing(label_smoothing);
-  check_stats(stats_in, "lse", g, logits_in, kStatRows);
-  check_stats(log_m_in, "log_m", g, logits_in);
-  TORCH_CHECK(grad_loss_in.dim() == 1 && grad_loss_in.size(0) == g.batch,
-      "lmm_fast: grad_loss must be [batch] = [", g.batch, "], got ", grad_loss_in.sizes());
-  TORCH_CHECK(grad_loss_in.scalar_type() == logits_in.scalar_type(),
-      "lmm_fast: grad_loss must have the logits' dtype ", logits_in.scalar_type(),
-      ", got ", grad_loss_in.scalar_type());
-  TORCH_CHECK(grad_loss_in.device() == logits_in.device(),
-      "lmm_fast: grad_loss must be on the logits' device ", logits_in.device(), ", got ",
-      grad_loss_in.device());
+  const BackwardInputs in = check_loss_backward_inputs(grad_loss_in, logits_in, target_in, psi_t_in, theta_in,
+      stats_in, log_m_in, level_sizes, psi_scale_in, weight_in, label_smoothing);
+  const LossGeometry& g = in.g;
+  const at::Tensor& psi_scale = in.psi_scale;
+  const at::Tensor& weight = in.weight;
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
   const at::Tensor psi_t = psi_t_in.contiguous();

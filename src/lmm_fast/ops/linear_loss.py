@@ -31,7 +31,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from lmm_fast.ops.library import accumulate_dtype
+from lmm_fast.ops.library import accumulate_dtype, check_one_device
 from lmm_fast.ops.loss import _SMOOTH_ROW, STAT_ROWS
 
 __all__ = [
@@ -259,6 +259,11 @@ def _fake_grads(x, weight, bias, need):
     )
 
 
+def _one_device(op, x, weight, bias, target, psi_t, theta, psi_scale, class_weight, **more) -> None:
+    check_one_device(op, **more, x=x, weight=weight, bias=bias, target=target, psi_t=psi_t, theta=theta,
+                     psi_scale=psi_scale, class_weight=class_weight)
+
+
 def _fake_checks(x, weight, level_sizes):
     torch._check(x.dim() == 2 and weight.dim() == 2, lambda: "lmm_fast: x and weight must be 2-D")
     torch._check(weight.shape[0] == sum(level_sizes), lambda: "lmm_fast: weight rows != sum(level_sizes)")
@@ -297,6 +302,7 @@ def linear_lmm_loss_rows(
     ``lmm_loss_forward``. Differentiable in ``x``, ``weight``, ``bias`` and
     ``theta``.
     """
+    _one_device("linear_lmm_loss", x, weight, bias, target, psi_t, theta, psi_scale, class_weight)
     loss, lse, log_m, _, _, _ = _run_chunks(
         x, weight, bias, target, psi_t, theta, psi_scale, class_weight, label_smoothing, list(level_sizes),
         ignore_index, chunk_rows, grad_loss=None, stats=None, need=(False, False, False),
@@ -310,6 +316,7 @@ def _linear_lmm_loss_rows_fake(
     chunk_rows,
 ):
     # The FakeTensor kernel is what torch.compile traces instead of the chunk loop.
+    _one_device("linear_lmm_loss", x, weight, bias, target, psi_t, theta, psi_scale, class_weight)
     _fake_checks(x, weight, level_sizes)
     acc = accumulate_dtype(x.dtype)
     batch, levels = x.shape[0], len(level_sizes)
@@ -342,6 +349,8 @@ def linear_lmm_loss_rows_backward(
     """Gradients of ``Σ_b grad_loss[b] · loss[b]``: ``(grad_x [B, d],
     grad_weight [ΣN_l, d], grad_bias [ΣN_l])``, each empty where
     ``output_mask`` (x, weight, bias) is False. Recomputes each chunk's logits."""
+    _one_device("linear_lmm_loss_backward", x, weight, bias, target, psi_t, theta, psi_scale, class_weight,
+                grad_loss=grad_loss, lse=lse, log_m=log_m)
     _, _, _, grad_x, grad_w, grad_b = _run_chunks(
         x, weight, bias, target, psi_t, theta, psi_scale, class_weight, label_smoothing, list(level_sizes),
         ignore_index, chunk_rows, grad_loss=grad_loss.contiguous(), stats=(lse, log_m), need=tuple(output_mask),
@@ -358,6 +367,8 @@ def _linear_lmm_loss_rows_backward_fake(
     grad_loss, x, weight, bias, target, psi_t, theta, psi_scale, class_weight, label_smoothing, lse, log_m,
     level_sizes, ignore_index, chunk_rows, output_mask,
 ):
+    _one_device("linear_lmm_loss_backward", x, weight, bias, target, psi_t, theta, psi_scale, class_weight,
+                grad_loss=grad_loss, lse=lse, log_m=log_m)
     return _fake_grads(x, weight, bias, output_mask)
 
 
@@ -437,6 +448,7 @@ def linear_lmm_loss_reduced(
     """
     if reduction not in REDUCED:
         raise ValueError(f"lmm_fast: reduction must be one of {REDUCED}, got {reduction!r}")
+    _one_device("linear_lmm_loss_reduced", x, weight, bias, target, psi_t, theta, psi_scale, class_weight)
     acc = accumulate_dtype(x.dtype)
     if reduction == "mean":
         scale = 1.0 / mean_denominator(target, ignore_index, class_weight, acc)
@@ -468,6 +480,7 @@ def _linear_lmm_loss_reduced_fake(
     x, weight, bias, target, psi_t, theta, psi_scale, class_weight, label_smoothing, level_sizes, ignore_index,
     chunk_rows, reduction, output_mask,
 ):
+    _one_device("linear_lmm_loss_reduced", x, weight, bias, target, psi_t, theta, psi_scale, class_weight)
     _fake_checks(x, weight, level_sizes)
     grad_x, grad_w, grad_b = _fake_grads(x, weight, bias, output_mask)
     grad_theta = torch.empty_like(theta) if output_mask[3] else theta.new_empty((0,))
