@@ -214,9 +214,8 @@ inline void check_label_smoothing(double label_smoothing) {
       "lmm_fast: label_smoothing must be in [0, 1], got ", label_smoothing);
 }
 
-// The inputs of lmm_loss_backward, checked alike on every backend: the
-// forward's, the saved statistics and grad_loss.
-struct BackwardInputs {
+// The inputs of the loss ops, checked alike on every backend.
+struct LossInputs {
   LossGeometry g;
   at::Tensor psi_scale;  // undefined when not given
   at::Tensor weight;     // undefined when not given
@@ -246,15 +245,26 @@ constexpr int kStatGroupMax = 2;
 constexpr int kStatGroupSum = 3;
 constexpr int kStatSmooth = 4;
 
-inline BackwardInputs check_loss_backward_inputs(
+// lmm_loss_forward's: logits, target, Psi, theta and the options.
+inline LossInputs check_loss_forward_inputs(
+    const at::Tensor& logits, const at::Tensor& target, const at::Tensor& psi_t, const at::Tensor& theta,
+    c10::IntArrayRef level_sizes, const std::optional<at::Tensor>& psi_scale,
+    const std::optional<at::Tensor>& weight, double label_smoothing) {
+  LossInputs in{check_loss_inputs(logits, target, psi_t, theta, level_sizes), {}, {}};
+  in.psi_scale = check_psi_scale(psi_scale, in.g, logits);
+  in.weight = check_class_weight(weight, in.g, logits);
+  check_label_smoothing(label_smoothing);
+  return in;
+}
+
+// lmm_loss_backward's: the forward's, the saved statistics and grad_loss.
+inline LossInputs check_loss_backward_inputs(
     const at::Tensor& grad_loss, const at::Tensor& logits, const at::Tensor& target, const at::Tensor& psi_t,
     const at::Tensor& theta, const at::Tensor& stats, const at::Tensor& log_m, c10::IntArrayRef level_sizes,
     const std::optional<at::Tensor>& psi_scale, const std::optional<at::Tensor>& weight, double label_smoothing,
     int stat_rows = kStatRows) {
-  BackwardInputs in{check_loss_inputs(logits, target, psi_t, theta, level_sizes), {}, {}};
-  in.psi_scale = check_psi_scale(psi_scale, in.g, logits);
-  in.weight = check_class_weight(weight, in.g, logits);
-  check_label_smoothing(label_smoothing);
+  LossInputs in = check_loss_forward_inputs(logits, target, psi_t, theta, level_sizes, psi_scale, weight,
+                                            label_smoothing);
   check_stats(stats, "lse", in.g, logits, stat_rows);
   check_stats(log_m, "log_m", in.g, logits);
   TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == in.g.batch,

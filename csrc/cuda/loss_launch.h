@@ -55,10 +55,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> lmm_loss_forward_launch(
     const at::Tensor& theta_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
     const std::optional<at::Tensor>& psi_scale_in, const std::optional<at::Tensor>& weight_in,
     double label_smoothing) {
-  const LossGeometry g = check_loss_inputs(logits_in, target_in, psi_t_in, theta_in, level_sizes);
-  const at::Tensor psi_scale = check_psi_scale(psi_scale_in, g, logits_in);
-  const at::Tensor weight = check_class_weight(weight_in, g, logits_in);
-  check_label_smoothing(label_smoothing);
+  const LossInputs in = check_loss_forward_inputs(logits_in, target_in, psi_t_in, theta_in, level_sizes,
+      psi_scale_in, weight_in, label_smoothing);
+  const LossGeometry& g = in.g;
+  const at::Tensor& psi_scale = in.psi_scale;
+  const at::Tensor& weight = in.weight;
   const typename Backend::Guard guard(logits_in.device());
   const at::Tensor logits = rows_contiguous(logits_in);
   const at::Tensor target = target_in.contiguous();
@@ -96,7 +97,7 @@ at::Tensor lmm_loss_backward_launch(
     const at::Tensor& log_m_in, c10::IntArrayRef level_sizes, int64_t ignore_index,
     const std::optional<at::Tensor>& psi_scale_in, const std::optional<at::Tensor>& weight_in,
     double label_smoothing) {
-  const BackwardInputs in = check_loss_backward_inputs(grad_loss_in, logits_in, target_in, psi_t_in, theta_in,
+  const LossInputs in = check_loss_backward_inputs(grad_loss_in, logits_in, target_in, psi_t_in, theta_in,
       stats_in, log_m_in, level_sizes, psi_scale_in, weight_in, label_smoothing);
   const LossGeometry& g = in.g;
   const at::Tensor& psi_scale = in.psi_scale;
